@@ -1,0 +1,127 @@
+"""Calling decoder blocks on cached inputs, for any family, without tracing.
+
+The model's own forward computes what every block receives besides the hidden states (rotary
+position embeddings, attention masks per layer type, position ids). We run it once on a one-row
+dummy input with each block swapped for a `_Recorder` that stores its call and passes the hidden
+states through, so every block later gets exactly the arguments the model would give it. Those
+arguments broadcast over the batch. The same swap captures block 0's inputs for calibration data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+_DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions")
+
+
+class StopForward(Exception):
+    """Raised from a hook or recorder to end a forward pass early: later work would be wasted."""
+
+
+@dataclass
+class BlockCall:
+    """The non-hidden-state arguments that the model passes to one block."""
+
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> BlockCall:
+        def move(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, (tuple, list)):
+                return type(value)(move(v) for v in value)
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            return value
+
+        return BlockCall(move(self.args), move(self.kwargs))
+
+
+class _Recorder(nn.Module):
+    """Stands in for block `index`: records the call, returns the hidden states unchanged."""
+
+    def __init__(self, original: nn.Module, index: int, sink: Callable[[int, torch.Tensor, BlockCall], None],
+                 stop_at: int | None):
+        super().__init__()
+        object.__setattr__(self, "_original", original)  # not a submodule: .to() must not move it
+        self._index = index
+        self._sink = sink
+        self._stop_at = stop_at
+
+    def __getattr__(self, name: str) -> Any:  # e.g. Gemma's `attention_type`
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+        self._sink(self._index, hidden_states, BlockCall(tuple(args), kept))
+        if self._index == self._stop_at:
+            raise StopForward
+        return hidden_states
+
+
+@contextmanager
+def recording_blocks(model: nn.Module, blocks: nn.ModuleList, sink, stop_at: int | None,
+                     device: torch.device | str) -> Iterator[None]:
+    """Swap every block for a recorder; meanwhile the rest of the model (embeddings, rotary tables,
+    norm, head: small next to the blocks) sits on the compute device."""
+    originals = list(blocks)
+    home = next(model.parameters()).device if any(True for _ in model.parameters()) else device
+    try:
+        for i, block in enumerate(originals):
+            blocks[i] = _Recorder(block, i, sink, stop_at)
+        model.to(device)
+        yield
+    finally:
+        model.to(home)
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+def _run(model: nn.Module, input_ids: torch.Tensor) -> None:
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except StopForward:
+        pass
+
+
+@torch.no_grad()
+def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, seqlen: int, device: torch.device | str
+                        ) -> list[BlockCall]:
+    """The arguments each block receives for a sequence of `seqlen` tokens (batch of one)."""
+    calls: list[BlockCall | None] = [None] * len(blocks)
+
+    def sink(index: int, hidden: torch.Tensor, call: BlockCall) -> None:
+        calls[index] = call.to("cpu") if str(device) != "cpu" else call
+
+    dummy = torch.zeros(1, seqlen, dtype=torch.long, device=device)
+    with recording_blocks(model, blocks, sink, len(blocks) - 1, device):
+        _run(model, dummy)
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing:
+        raise RuntimeError(f"blocks {missing} were never called by the model's forward")
+    return calls  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
+                         device: torch.device | str) -> torch.Tensor:
+    """Block 0's hidden-state inputs for every calibration row, [n, seqlen, hidden] on `device`."""
+    outputs: list[torch.Tensor] = []
+
+    def sink(index: int, hidden: torch.Tensor, call: BlockCall) -> None:
+        outputs.append(hidden.detach())
+
+    with recording_blocks(model, blocks, sink, 0, device):
+        for start in range(0, input_ids.shape[0], batch_size):
+            _run(model, input_ids[start : start + batch_size].to(device))
+    return torch.cat(outputs, dim=0)

@@ -1,0 +1,57 @@
+"""The method contract: what a pruning method gathers, how it scores, how it masks, whether it updates.
+
+A method is one file with a typed config (pydantic, unknown fields rejected) and a subclass of
+`PruningMethod`, registered by name. The engine calls `prune_layer` once per prunable linear, with
+the weight as an fp32 [out, in] matrix and the statistic gathered for that linear's input.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from prunekit.pruning.statistics import Statistic
+from prunekit.pruning.target import SparsityTarget
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: typed, and a misspelt field is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PruneResult:
+    """The layer's new weight (zeros where pruned, possibly updated elsewhere) and the pruned mask."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+
+
+class PruningMethod(ABC):
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    #: What is gathered over the calibration tokens for each input; None = needs no data.
+    statistic: ClassVar[type[Statistic] | None] = None
+    #: Whether surviving weights change (OBS updates) or are only masked.
+    updates_weights: ClassVar[bool] = False
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None
+
+    @abstractmethod
+    def prune_layer(
+        self, weight: torch.Tensor, stats: Statistic | None, target: SparsityTarget
+    ) -> PruneResult:
+        """Prune one [out, in] fp32 weight matrix to `target`."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "config": self.config.model_dump(), "updates_weights": self.updates_weights}

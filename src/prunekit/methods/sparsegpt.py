@@ -1,0 +1,119 @@
+"""SparseGPT (Frantar & Alistarh, 2023): one-shot pruning with optimal-brain-surgeon updates.
+
+Statistics: H = 2XᵀX/n over the calibration tokens. Score: w² / [H⁻¹]_jj² (the OBS saliency).
+Mask: chosen per block of `blocksize` columns from the partially updated weights, over the whole
+block (unstructured) or per run of M inputs (N:M). Weights: every pruned weight's error is spread
+over the not-yet-processed columns through the upper Cholesky factor of H⁻¹.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from prunekit.methods.base import MethodConfig, PruneResult, PruningMethod
+from prunekit.methods.registry import register
+from prunekit.pruning.masks import nm_mask
+from prunekit.pruning.statistics import InputHessian
+from prunekit.pruning.target import SparsityTarget
+
+log = logging.getLogger(__name__)
+
+
+class SparseGPTConfig(MethodConfig):
+    #: Dampening added to the diagonal, as a fraction of its mean.
+    percdamp: float = 0.01
+    blocksize: int = 128
+    #: How often the damping is multiplied by 10 when the Cholesky factorisation fails.
+    max_damping_retries: int = 6
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹; λ grows tenfold, with a warning, until H is positive definite."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = percdamp * torch.diag(hessian).mean().item()
+    for attempt in range(retries + 1):
+        lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info.item() == 0:
+                return upper
+        if attempt < retries:
+            log.warning("SparseGPT: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
+            damp *= 10
+    raise RuntimeError(f"SparseGPT: Hessian not positive definite even with damping {damp:.3g}")
+
+
+def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k, largest=False).indices] = True
+    return mask.view_as(scores)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    target: SparsityTarget,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    retries: int = 6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (updated weight with zeros, pruned mask). `weight` is [out, in] fp32, not modified."""
+    weight = weight.clone()
+    hessian = hessian.clone()
+    rows, cols = weight.shape
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    hinv = inverse_hessian_factor(hessian, percdamp, retries)
+
+    if target.is_nm:  # N:M groups must not straddle blocks
+        blocksize = max(target.m, blocksize // target.m * target.m)  # type: ignore[operator]
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block = weight[:, start:end].clone()
+        block_hinv = hinv[start:end, start:end]
+        diag = torch.diag(block_hinv)
+        errors = torch.zeros_like(block)
+        if target.is_nm:
+            block_mask = torch.zeros_like(block, dtype=torch.bool)
+        else:
+            # exact layer total: cumulative rounding spreads round(s·numel) over the blocks
+            k = round(target.sparsity * rows * end) - round(target.sparsity * rows * start)
+            block_mask = _lowest_k(block.square() / diag.square(), k)
+        for i in range(end - start):
+            if target.is_nm and i % target.m == 0:  # type: ignore[operator]
+                group = slice(i, i + target.m)
+                scores = block[:, group].square() / diag[group].square()
+                block_mask[:, group] = nm_mask(scores, target.n, target.m)  # type: ignore[arg-type]
+            column = block[:, i]
+            kept = column.masked_fill(block_mask[:, i], 0.0)
+            error = (column - kept) / diag[i]
+            block[:, i + 1 :].addr_(error, block_hinv[i, i + 1 :], alpha=-1.0)
+            block[:, i] = kept
+            errors[:, i] = error
+        weight[:, start:end] = block
+        mask[:, start:end] = block_mask
+        weight[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1.0)
+    return weight, mask
+
+
+@register
+class SparseGPT(PruningMethod):
+    name = "sparsegpt"
+    config_class = SparseGPTConfig
+    statistic = InputHessian
+    updates_weights = True
+
+    def prune_layer(self, weight, stats: InputHessian, target: SparsityTarget) -> PruneResult:
+        cfg = self.config
+        new_weight, mask = sparsegpt_prune(
+            weight, stats.hessian(), target,
+            blocksize=cfg.blocksize, percdamp=cfg.percdamp, retries=cfg.max_damping_retries,
+        )
+        return PruneResult(new_weight, mask)

@@ -1,0 +1,64 @@
+"""Mask rules, shared by every method and tested once against naive loops.
+
+All functions take a score matrix [out, in] (higher = more important) and return a boolean mask of
+the same shape that is True where a weight is PRUNED. Counts are exact: an unstructured layer at
+sparsity s loses round(s * numel) weights; per-row rules spread that total over the rows so that
+each row differs from the others by at most one weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prunekit.pruning.target import SparsityTarget
+
+
+def row_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:
+    """How many weights each row loses so that the layer total is exactly round(s * rows * cols)."""
+    total = round(sparsity * rows * cols)
+    base, extra = divmod(total, rows)
+    counts = torch.full((rows,), base, dtype=torch.long)
+    counts[:extra] += 1
+    return counts
+
+
+def _lowest_k_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mark the counts[r] lowest scores of every row r (ties broken by position, stable)."""
+    order = torch.argsort(scores, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks < counts.to(scores.device).unsqueeze(1)
+
+
+def unstructured_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Each output row competes on its own (Wanda's comparison group)."""
+    return _lowest_k_per_row(scores, row_counts(*scores.shape, sparsity))
+
+
+def unstructured_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """All weights of the layer compete together (magnitude pruning's reference group)."""
+    k = round(sparsity * scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        flat_order = torch.argsort(scores.flatten(), stable=True)
+        mask[flat_order[:k]] = True
+    return mask.view_as(scores)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every run of m consecutive inputs of a row, prune the n lowest scores (no Python loop)."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    lowest = torch.topk(groups, n, dim=2, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, lowest, True)
+    return mask.reshape(rows, cols)
+
+
+def mask_from_scores(scores: torch.Tensor, target: SparsityTarget, group: str = "row") -> torch.Tensor:
+    """Apply the target's pattern; `group` ('row' or 'layer') only matters for unstructured."""
+    if target.is_nm:
+        return nm_mask(scores, target.n, target.m)  # type: ignore[arg-type]
+    if group == "layer":
+        return unstructured_layer_mask(scores, target.sparsity)
+    return unstructured_row_mask(scores, target.sparsity)

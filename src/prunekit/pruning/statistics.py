@@ -1,0 +1,71 @@
+"""Statistics of a layer's input, gathered over calibration tokens by forward hooks.
+
+One object per group of linears that share an input (q/k/v, gate/up): the engine feeds it every
+batch of that input, the method reads it when it prunes. Accumulators only, so a later change can
+reduce them across data-parallel ranks (`state()` / `merge()`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Statistic:
+    """Accumulates something about inputs of width `in_features`."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.tokens = 0
+        self.device = device
+
+    def update(self, inputs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _flat(inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.reshape(-1, inputs.shape[-1]).float()
+
+
+class InputSquaredNorms(Statistic):
+    """Σ_t x_tj² per input channel j: ||X_j||₂², what Wanda multiplies |W| by (after a square root)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.sum_squares = torch.zeros(in_features, dtype=torch.float64, device=device)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        flat = self._flat(inputs)
+        self.sum_squares += flat.square().sum(0, dtype=torch.float64)
+        self.tokens += flat.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """||X_j||₂ over all calibration tokens."""
+        return self.sum_squares.sqrt().float()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens)}
+
+
+class InputHessian(Statistic):
+    """H = 2 XᵀX / n, the Hessian of the layer-wise squared error that SparseGPT inverts.
+
+    Built with one large matrix product per batch (addmm), accumulated unscaled in fp32.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        flat = self._flat(inputs)
+        self.xtx.addmm_(flat.t(), flat)
+        self.tokens += flat.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"xtx": self.xtx, "tokens": torch.tensor(self.tokens)}
