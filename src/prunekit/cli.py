@@ -44,7 +44,7 @@ def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
 def prune(
     model: Annotated[str | None, typer.Argument(help="Hub id, local HF folder, .gguf file or alias.")] = None,
     method: Annotated[str | None, typer.Option(help="magnitude, wanda, sparsegpt, ...")] = None,
-    sparsity: Annotated[float | None, typer.Option(help="Fraction of weights to prune, in [0, 1).")] = None,
+    sparsity: Annotated[str | None, typer.Option(help="Fraction of weights to prune, in [0, 1).")] = None,
     pattern: Annotated[str | None, typer.Option(help="'unstructured' or N:M, e.g. 2:4.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration source (default: self).")] = None,
     nsamples: Annotated[int | None, typer.Option(help="Calibration windows (default 128).")] = None,
@@ -70,9 +70,12 @@ def prune(
     from prunekit.pruning import SparsityPlan
     from prunekit.recipe import load_recipe
 
+    from prunekit.pruning.target import check_sparsity
+
     options = _parse_options(option)
     recipe = load_recipe(config, {
-        "model": model, "method": method, "sparsity": sparsity, "pattern": pattern, "calib": calib,
+        "model": model, "method": method,
+        "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
         "propagate": propagate, "batch_size": batch_size, "device": device,
     })
@@ -197,12 +200,15 @@ def main(argv: list[str] | None = None) -> None:
     except PrunekitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelp:
-        sys.exit(0)
-    except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+    except (typer.Exit, click.exceptions.Exit) as exc:
+        sys.exit(exc.exit_code)
+    except (typer.TyperException, click.ClickException) as exc:  # typer bundles its own click
+        if type(exc).__name__.startswith("NoArgsIsHelp"):
+            sys.exit(0)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
 

@@ -32,7 +32,8 @@ class SparseGPTConfig(MethodConfig):
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹; λ grows tenfold, with a warning, until H is positive definite."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    damp = percdamp * torch.diag(hessian).mean().item()
+    mean_diagonal = torch.diag(hessian).mean().item()
+    damp = percdamp * mean_diagonal
     for attempt in range(retries + 1):
         lower, info = torch.linalg.cholesky_ex(hessian + damp * eye)
         if info.item() == 0:
@@ -41,8 +42,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float, retries: int)
             if info.item() == 0:
                 return upper
         if attempt < retries:
-            log.warning("SparseGPT: Cholesky failed with damping %.3g; retrying with %.3g", damp, damp * 10)
-            damp *= 10
+            raised = damp * 10 if damp > 0 else 1e-6 * mean_diagonal
+            log.warning("SparseGPT: Cholesky failed with damping %.3g; retrying with %.3g", damp, raised)
+            damp = raised
     raise RuntimeError(f"SparseGPT: Hessian not positive definite even with damping {damp:.3g}")
 
 

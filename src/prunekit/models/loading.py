@@ -196,7 +196,7 @@ def _load_hub(repo_id: str, *, dtype: torch.dtype, trust_remote_code: bool, revi
     except Exception as error:  # network, auth, unknown repo or revision: all reported the same way
         raise PrunekitError(
             f"could not fetch {repo_id!r} from the Hugging Face Hub ({_one_line(error)}); check the id, "
-            f"network access and HF_TOKEN, or pass a local model folder or an alias"
+            f"network access and HF_TOKEN, or pass an existing local folder or an alias"
         ) from error
     loaded = _load_folder(
         local,
@@ -429,6 +429,7 @@ def _convert_gguf(gguf_path: Path, target: Path, meta: dict[str, Any]) -> None:
         tokenizer.save_pretrained(stage)
         meta["conversion_seconds"] = round(time.monotonic() - started, 1)
         (stage / "prunekit.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _make_shareable(stage)
         _publish(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -446,6 +447,13 @@ def _plain_copy(packed: PreTrainedModel) -> PreTrainedModel:
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     return plain.eval()
+
+
+def _make_shareable(folder: Path) -> None:
+    """`mkdtemp` makes a private (0700) folder; a cache folder should read like any other."""
+    folder.chmod(0o755)
+    for child in folder.iterdir():
+        child.chmod(0o755 if child.is_dir() else 0o644)
 
 
 def _publish(stage: Path, target: Path) -> None:
@@ -525,6 +533,8 @@ def _truncate(text: str) -> str:
 def _one_line(error: BaseException) -> str:
     """An exception's message squeezed onto one short line."""
     text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, KeyError):  # str(KeyError('x')) is just "'x'"
+        text = f"missing key {text}"
     return _truncate(text)
 
 

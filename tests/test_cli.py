@@ -1,0 +1,214 @@
+"""The command line on tiny saved models: the happy path, and one clear line for each bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import build
+from transformers import AutoModelForCausalLM
+
+from prunekit.cli import main
+
+WORDS = ("the of and to a in that is was he for it with as his on be at by this had not are but from or have "
+         "an they which one you were her all she there would their we him been has when who will more").split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(50)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tokenizer = make_tokenizer()
+    model = build("llama", vocab=len(tokenizer), max_positions=128)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("text") / "calib.txt"
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(10)))
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), err
+    assert needle in lines[-1], lines[-1]
+    assert "Traceback" not in err
+
+
+def test_prune_then_reload_with_stock_transformers(capsys, tiny_dir, text_file, tmp_path):
+    out = tmp_path / "pruned"
+    code, stdout, err = run(capsys, "prune", tiny_dir, "--method", "wanda", "--sparsity", "0.5", "--calib",
+                            text_file, "--nsamples", "4", "--seqlen", "32", "--out", out)
+    assert code == 0, err
+    manifest = json.loads((out / "prunekit.json").read_text())
+    assert manifest["method"]["name"] == "wanda"
+    assert abs(manifest["overall_sparsity"] - 0.5) < 1e-3
+    assert manifest["calibration"]["nsamples"] == 4 and len(manifest["calibration"]["offsets"]) == 4
+    assert {"statistics", "prune", "propagate"} <= set(manifest["timings_s"])
+    assert manifest["memory"]["peak_rss_mib"] > 0 and "torch" in manifest["versions"]
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no staging folder left
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    q = reloaded.model.layers[0].self_attn.q_proj.weight
+    assert abs((q == 0).float().mean().item() - 0.5) < 1e-3
+
+
+def test_recipe_file_and_flag_override(capsys, tiny_dir, text_file, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: magnitude\nsparsity: 0.3\npattern: '2:4'\ncalib: {text_file}\nnsamples: 2\n"
+                      f"seqlen: 16\nout: {tmp_path / 'out'}\noptions:\n  group: row\n")
+    code, _, err = run(capsys, "prune", tiny_dir, "--config", recipe, "--pattern", "unstructured")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "out" / "prunekit.json").read_text())
+    assert manifest["plan"]["default"] == {"sparsity": 0.3, "pattern": "unstructured"}
+    assert manifest["method"]["config"] == {"group": "row"}
+
+
+def test_eval_json_last_line(capsys, tiny_dir, text_file):
+    code, stdout, err = run(capsys, "eval", tiny_dir, "--ppl", text_file, "--seqlen", "32", "--json")
+    assert code == 0, err
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["seqlen"] == 32 and result["tokens"] > 0 and result["perplexity"] > 1
+
+
+@pytest.fixture(scope="module")
+def corrupt_safetensors_dir(tmp_path_factory, tiny_dir) -> Path:
+    folder = tmp_path_factory.mktemp("corrupt") / "model"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertLMHeadModel
+
+    folder = tmp_path_factory.mktemp("bert") / "bert"
+    config = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, is_decoder=True)
+    BertLMHeadModel(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+BAD_INPUTS = [
+    ("unknown method", ["--method", "snip"], "unknown method 'snip'"),
+    ("sparsity too high", ["--sparsity", "1.0"], "sparsity 1.0 is outside [0, 1)"),
+    ("sparsity negative", ["--sparsity", "-0.2"], "outside [0, 1)"),
+    ("N >= M", ["--pattern", "4:4"], "need 1 <= N < M"),
+    ("M does not divide", ["--pattern", "2:48"], "M=48 does not divide the input width 64"),
+    ("short calibration text", ["--seqlen", "120", "--nsamples", "2", "--calib", "{short}"], "shorter"),
+    ("seqlen beyond context", ["--seqlen", "4096"], "exceeds the model's context of 128"),
+    ("missing calibration file", ["--calib", "/nonexistent/calib.txt"], "/nonexistent/calib.txt"),
+]
+
+
+@pytest.mark.parametrize("label,extra,needle", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_prune_input(capsys, tiny_dir, text_file, tmp_path, label, extra, needle):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    extra = [a.replace("{short}", str(short)) for a in extra]
+    out = tmp_path / "out"
+    args = ["prune", tiny_dir, "--calib", text_file, "--nsamples", "2", "--seqlen", "16", "--out", out]
+    code, _, err = run(capsys, *args, *extra)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]  # nothing half-written
+
+
+@pytest.mark.parametrize("label", ["missing", "no config", "corrupt gguf", "corrupt safetensors", "garbage spec",
+                                   "unsupported architecture"])
+def test_bad_model(capsys, tmp_path, label, corrupt_safetensors_dir, bert_dir):
+    if label == "missing":
+        spec, needle = tmp_path / "nope", "nope"
+    elif label == "no config":
+        spec = tmp_path / "empty"
+        spec.mkdir()
+        needle = "empty"
+    elif label == "corrupt gguf":
+        spec = tmp_path / "broken.gguf"
+        spec.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+        needle = "broken.gguf"
+    elif label == "corrupt safetensors":
+        spec, needle = corrupt_safetensors_dir, "model.safetensors"
+    elif label == "garbage spec":
+        spec, needle = "not a model!", "not a model!"
+    else:
+        spec, needle = bert_dir, "unsupported architecture"
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "prune", spec, "--method", "magnitude", "--out", out)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "prune", tiny_dir, "--method", "magnitude", "--out", out)
+    assert_one_line_error(code, err, "already exists; pass --overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = run(capsys, "prune", tiny_dir, "--method", "magnitude", "--out", out, "--overwrite")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "prunekit.json").exists()
+
+
+def test_bad_recipe(capsys, tiny_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: wanda\nsparsty: 0.5\n")
+    code, _, err = run(capsys, "prune", tiny_dir, "--config", recipe, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "sparsty")
+
+
+def test_unknown_flag_is_one_line(capsys, tiny_dir):
+    code, _, err = run(capsys, "prune", tiny_dir, "--sparsity", "half")
+    assert_one_line_error(code, err, "half")
+
+
+def test_no_half_written_output_on_crash(tiny_dir, tmp_path, monkeypatch):
+    from prunekit.export import save as save_module
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    monkeypatch.setattr(model, "save_pretrained", lambda path, **kw: (Path(path, "partial").write_text("x"),
+                                                                        explode()))
+    with pytest.raises(RuntimeError):
+        save_module.save_model(model, None, tmp_path / "out", {})
+    assert list(tmp_path.iterdir()) == []
+    torch.manual_seed(0)

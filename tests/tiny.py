@@ -1,0 +1,63 @@
+"""Tiny random models of every supported family, built from config (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+HIDDEN = 64
+FFN = 128
+
+
+def build(family: str, vocab: int = VOCAB, seed: int = 0, max_positions: int = 256) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions))
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_positions,
+            sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
+    elif family == "opt":
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=max_positions, word_embed_proj_dim=HIDDEN))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=max_positions,
+            bos_token_id=0, eos_token_id=0))
+    elif family == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=max_positions))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+FAMILIES = ("llama", "qwen2", "gemma3", "opt", "gpt2", "gpt_neox")
+
+
+def random_ids(n: int = 6, seqlen: int = 32, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seqlen), generator=generator)
