@@ -109,6 +109,13 @@ def prune(
     """
     started = time.perf_counter()
     pruner = build_method(method, method_options)
+    if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
+        from prunekit.structured import prune_structured
+
+        return prune_structured(model, pruner, sparsity=sparsity, pattern=pattern, calibration=calibration,
+                                tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                overrides=overrides, skip=skip, batch_size=batch_size, device=device,
+                                progress=progress)
     plan = SparsityPlan.build(sparsity, pattern, overrides, skip)
     if not prune_head:
         plan.skip.append("lm_head")

@@ -40,6 +40,26 @@ def _parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def _structured_options(structure: str | None, metric: str | None, tasks: list[str] | None) -> dict[str, Any]:
+    """`--structure`, `--metric` and `--task NAME=SOURCE` as options of the structured methods."""
+    options: dict[str, Any] = {}
+    if structure is not None:
+        options["structure"] = structure
+    if metric is not None:
+        options["metric"] = metric
+    if tasks:
+        parsed: dict[str, str] = {}
+        for pair in tasks:
+            name, sep, source = pair.partition("=")
+            if not sep or not name.strip() or not source.strip():
+                raise PrunekitError(f"--task {pair!r} is not NAME=SOURCE (e.g. --task code=prompts/code.jsonl)")
+            if name.strip() in parsed:
+                raise PrunekitError(f"--task {name.strip()!r} is given twice")
+            parsed[name.strip()] = source.strip()
+        options["tasks"] = parsed
+    return options
+
+
 @app.command()
 def prune(
     model: Annotated[str | None, typer.Argument(help="Hub id, local HF folder, .gguf file or alias.")] = None,
@@ -57,6 +77,9 @@ def prune(
     batch_size: Annotated[int | None, typer.Option(help="Calibration rows per forward.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Method option key=value (repeatable).")] = None,
+    structure: Annotated[str | None, typer.Option(help="Structured methods: UL-UM, UL-MM, AL-MM, AL-AM.")] = None,
+    metric: Annotated[str | None, typer.Option(help="flap/seap score: IFV, WIFV or WIFN.")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="seap task NAME=SOURCE (repeatable).")] = None,
     ppl: Annotated[str | None, typer.Option(help="Also report perplexity on SOURCE before and after.")] = None,
     ppl_seqlen: Annotated[int, typer.Option(help="Window length for --ppl.")] = 512,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
@@ -68,11 +91,10 @@ def prune(
     from prunekit.methods import build_method
     from prunekit.models import load_model
     from prunekit.pruning import SparsityPlan
+    from prunekit.pruning.target import check_sparsity
     from prunekit.recipe import load_recipe
 
-    from prunekit.pruning.target import check_sparsity
-
-    options = _parse_options(option)
+    options = {**_parse_options(option), **_structured_options(structure, metric, task)}
     recipe = load_recipe(config, {
         "model": model, "method": method,
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
@@ -109,7 +131,13 @@ def prune(
         "versions": versions(),
     }
     t0 = time.perf_counter()
-    path = save_model(loaded.model, loaded.tokenizer, recipe.out, manifest, overwrite=recipe.overwrite)
+    if getattr(report, "structured", False):  # a smaller model; seap: one per task
+        from prunekit.structured import save_outputs
+
+        paths = save_outputs(report, loaded.model, loaded.tokenizer, recipe.out, manifest, overwrite=recipe.overwrite)
+        path = paths[0] if len(paths) == 1 else Path(recipe.out)
+    else:
+        path = save_model(loaded.model, loaded.tokenizer, recipe.out, manifest, overwrite=recipe.overwrite)
     out.print(f"saved {path} (achieved sparsity {report.overall_sparsity:.4f}, "
               f"prune {report.seconds:.1f}s, save {time.perf_counter() - t0:.1f}s)")
     if ppl:
@@ -138,26 +166,45 @@ def _print_table(model: str, method: str, sparsity: float, pattern: str, before:
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Argument(help="Hub id, local HF folder (e.g. a prunekit output), .gguf or alias.")],
-    ppl: Annotated[str, typer.Option(help="Perplexity source: wikitext2, c4, ptb, .txt, folder, .jsonl[:field].")],
+    ppl: Annotated[str | None, typer.Option(
+        help="Perplexity source: wikitext2, c4, ptb, .txt, folder, .jsonl[:field].")] = None,
     seqlen: Annotated[int | None, typer.Option(help="Window length (default 2048, capped by context).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 8,
     bos: Annotated[bool, typer.Option(help="Prepend BOS to every window.")] = False,
     max_windows: Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="lm-eval tasks, e.g. boolq,rte,hellaswag (hub data).")] = None,
+    local_tasks: Annotated[str | None, typer.Option(
+        help="Build the offline tasks prunekit_cloze + prunekit_nextsent from this text SOURCE.")] = None,
+    local_n: Annotated[int, typer.Option(help="Examples per offline task (at most).")] = 500,
+    limit: Annotated[int | None, typer.Option(help="lm-eval limit: examples per hub task.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Dense model to compare against (with --jsd).")] = None,
+    jsd: Annotated[str | None, typer.Option(help="Text SOURCE for JSD/KL/top-1 agreement to --reference.")] = None,
+    topk: Annotated[int, typer.Option(help="Dense log-probs cached per token for --jsd (>= vocab: exact).")] = 64,
+    save_json: Annotated[Path | None, typer.Option(help="Also write the summary here (e.g. RUN_DIR/eval.json).")
+                         ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
-    """Perplexity of MODEL under the pinned protocol."""
-    from prunekit.data import resolve_seqlen
-    from prunekit.evaluation import perplexity
-    from prunekit.models import load_model
+    """Perplexity (pinned protocol), zero-shot tasks (lm-eval) and divergence from a dense model."""
+    from prunekit.experiments.evaluate import run_evaluation, save_summary
 
-    loaded = load_model(model, trust_remote_code=trust_remote_code)
-    length, note = resolve_seqlen(seqlen, loaded.model.config)
-    result = perplexity(loaded.model, loaded.tokenizer, ppl, seqlen=length, batch_size=batch_size, bos=bos,
-                        max_windows=max_windows)
-    summary = {**result.to_dict(), "model": loaded.provenance, "seqlen_choice": note}
-    out.print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
-              f"({result.windows} windows of {result.seqlen}, bos={result.bos})")
+    summary = run_evaluation(model, ppl=ppl, tasks=tasks, local_tasks=local_tasks, local_n=local_n, limit=limit,
+                             reference=reference, jsd=jsd, topk=topk, seqlen=seqlen, batch_size=batch_size, bos=bos,
+                             max_windows=max_windows, trust_remote_code=trust_remote_code,
+                             log=lambda m: err.print(f"[dim]{m}[/]"))
+    if ppl is not None:
+        out.print(f"perplexity {summary['perplexity']:.4f} over {summary['tokens']} tokens "
+                  f"({summary['windows']} windows of {summary['seqlen']}, bos={summary['bos']})")
+    if "divergence" in summary:
+        d = summary["divergence"]
+        out.print(f"JSD mean {d['jsd_mean']:.5f} nats (median {d['jsd_median']:.5f}, p95 {d['jsd_p95']:.5f}), "
+                  f"KL {d['kl_mean']:.5f}, top-1 agreement {d['top1_agreement']:.4f} over {d['tokens']} tokens; "
+                  f"perplexity {d['perplexity']:.3f} vs dense {d['reference_perplexity']:.3f}")
+    for name, task in (summary.get("zeroshot") or {}).get("tasks", {}).items():
+        metrics = ", ".join(f"{m} {task[m]:.4f}" for m in ("acc", "acc_norm", "perplexity") if task.get(m) is not None)
+        out.print(f"{name} (v{task.get('version')}, n={task.get('n')}): {metrics}")
+    if save_json is not None:
+        save_summary(summary, save_json)
     if as_json:
         print(json.dumps(summary, default=str))
 

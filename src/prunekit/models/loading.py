@@ -85,6 +85,10 @@ def load_model(
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise PrunekitError(f"dtype {dtype!r} is not a floating torch dtype; use e.g. torch.float32")
+    from prunekit.structured.io import load_structured, structured_spec  # per-layer sizes: own loader
+
+    if structured_spec(Path(str(spec).strip()).expanduser()) is not None:
+        return load_structured(Path(str(spec).strip()).expanduser(), dtype=dtype)
     text = str(spec).strip()
     if not text:
         raise PrunekitError(f"empty model spec; expected {_accepted()}")
@@ -412,6 +416,7 @@ def _convert_gguf(gguf_path: Path, target: Path, meta: dict[str, Any]) -> None:
     """
     started = time.monotonic()
     meta = {"cache_format": CACHE_FORMAT, **meta, **_inspect_gguf(gguf_path)}
+    _sweep_stale(target.parent)
     stage = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         source, name = str(gguf_path.parent), gguf_path.name
@@ -447,6 +452,18 @@ def _plain_copy(packed: PreTrainedModel) -> PreTrainedModel:
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     return plain.eval()
+
+
+def _sweep_stale(models_dir: Path, max_age_s: float = 6 * 3600) -> None:
+    """Remove work folders left by killed conversions (hundreds of MB each); recent ones may be live."""
+    now = time.time()
+    for entry in models_dir.glob(".*"):
+        if entry.name.startswith((".tmp-", ".download-")) and entry.is_dir():
+            try:
+                if now - entry.stat().st_mtime > max_age_s:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except OSError:
+                pass
 
 
 def _make_shareable(folder: Path) -> None:

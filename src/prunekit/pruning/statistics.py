@@ -69,3 +69,46 @@ class InputHessian(Statistic):
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"xtx": self.xtx, "tokens": torch.tensor(self.tokens)}
+
+
+class InputMeanVariance(Statistic):
+    """Per-channel running mean and variance of the input (FLAP's "fluctuation"), plus Σx² for ||X_j||.
+
+    Kept as float64 sums (Σx, Σx²) rather than a Welford update: sums merge across batches and ranks by
+    plain addition, and in float64 the cancellation in E[x²] − E[x]² is far below what ranking needs.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sum_squares = torch.zeros(in_features, dtype=torch.float64, device=device)
+
+    def update(self, inputs: torch.Tensor) -> None:
+        flat = self._flat(inputs).double()
+        self.sum += flat.sum(0)
+        self.sum_squares += flat.square().sum(0)
+        self.tokens += flat.shape[0]
+
+    def merge(self, other: InputMeanVariance) -> None:
+        """Add another accumulator's tokens (another task, batch or rank) to this one."""
+        self.sum += other.sum.to(self.sum.device)
+        self.sum_squares += other.sum_squares.to(self.sum_squares.device)
+        self.tokens += other.tokens
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.tokens, 1)).float()
+
+    def variance(self) -> torch.Tensor:
+        """Unbiased sample variance per channel (0 with fewer than two tokens)."""
+        n = self.tokens
+        if n < 2:
+            return torch.zeros(self.in_features, dtype=torch.float32, device=self.sum.device)
+        centred = self.sum_squares - self.sum.square() / n
+        return (centred.clamp_min(0.0) / (n - 1)).float()
+
+    def norms(self) -> torch.Tensor:
+        """||X_j||₂ over all tokens (what Wanda's score multiplies |W| by)."""
+        return self.sum_squares.sqrt().float()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"sum": self.sum, "sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens)}

@@ -1,0 +1,1 @@
+"""Experiments over pruning runs: evaluation summaries and calibration sweeps."""

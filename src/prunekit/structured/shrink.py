@@ -1,0 +1,187 @@
+"""Plans (which heads and channels stay), bias compensation, and the physical shrink of the modules.
+
+A plan is computed from the dense weights and statistics and is self-contained: it lists the kept
+query heads (grouped by kept KV head), kept KV heads and kept MLP channels of every layer, plus the
+bias that compensates the removed pieces. Applying it replaces q/k/v/o and gate/up/down with smaller
+`nn.Linear` modules, so any copy of the dense model can be turned into the pruned one.
+
+Bias compensation (FLAP): a removed input channel j of o_proj / down_proj contributed W[:, j] · x_j; its
+mean over the calibration tokens, W[:, removed] · mean(X[removed]), is added to the projection's bias,
+so the layer's output keeps its baseline and only the fluctuation around it is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from prunekit.structured.layout import BlockLayout, LlamaStructure
+from prunekit.structured.search import ModuleUnits
+
+if TYPE_CHECKING:
+    from prunekit.structured.collect import BlockStatistics
+
+SPEC_KEY = "prunekit_structure"
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class LayerPlan:
+    heads: list[int]  # kept query heads, in the order of their kept KV heads
+    kv_heads: list[int]
+    channels: list[int]
+    removed_params: int
+    total_params: int
+    o_bias: torch.Tensor | None = None  # compensation added to o_proj's bias
+    down_bias: torch.Tensor | None = None
+
+    def describe(self, layout: BlockLayout) -> dict[str, Any]:
+        return {"heads": f"{len(self.heads)}/{layout.heads}", "kv_heads": f"{len(self.kv_heads)}/{layout.kv_heads}",
+                "channels": f"{len(self.channels)}/{layout.channels}",
+                "sparsity": round(self.removed_params / self.total_params, 4)}
+
+
+@dataclass
+class StructurePlan:
+    layers: list[LayerPlan]
+    target: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def removed_params(self) -> int:
+        return sum(layer.removed_params for layer in self.layers)
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.total_params for layer in self.layers)
+
+    @property
+    def achieved(self) -> float:
+        return self.removed_params / self.total_params if self.total_params else 0.0
+
+
+def _channels_of(heads: list[int], head_dim: int) -> torch.Tensor:
+    if not heads:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def _compensation(weight: torch.Tensor, removed: torch.Tensor, stat) -> torch.Tensor | None:
+    if removed.numel() == 0:
+        return None
+    mean = stat.mean().to(weight.device)
+    return (weight.double()[:, removed] @ mean.double()[removed]).float()
+
+
+def build_plan(structure: LlamaStructure, attn: list[ModuleUnits], mlp: list[ModuleUnits], attn_counts: list[int],
+               mlp_counts: list[int], stats: list[BlockStatistics] | None, *, compensate: bool, target: float,
+               info: dict[str, Any] | None = None) -> StructurePlan:
+    """Turn unit counts into kept indices (and compensation biases) for every layer."""
+    layers = []
+    for block, a, m, na, nm in zip(structure.blocks(), attn, mlp, attn_counts, mlp_counts, strict=True):
+        layout = structure.layout(block)
+        gone_heads = {h for unit in a.heads[:na] for h in unit}
+        gone_kv = {g for unit in a.kv_heads[:na] for g in unit}
+        gone_channels = set(m.channels[:nm])
+        kv_kept = [g for g in range(layout.kv_heads) if g not in gone_kv]
+        r = layout.group_size
+        heads = [h for g in kv_kept for h in range(g * r, g * r + r) if h not in gone_heads]
+        channels = [c for c in range(layout.channels) if c not in gone_channels]
+        removed = (layout.heads - len(heads)) * layout.q_params + len(gone_kv) * layout.kv_params
+        removed += len(gone_channels) * layout.channel_params
+        plan = LayerPlan(heads, kv_kept, channels, removed, layout.total_params)
+        if compensate and stats is not None:
+            index = len(layers)
+            attn_mod, mlp_mod = structure.attention(block), structure.mlp_module(block)
+            removed_cols = _channels_of(sorted(gone_heads), layout.head_dim)
+            plan.o_bias = _compensation(attn_mod.o_proj.weight, removed_cols, stats[index].attn)
+            plan.down_bias = _compensation(mlp_mod.down_proj.weight, torch.tensor(sorted(gone_channels),
+                                                                                  dtype=torch.long),
+                                           stats[index].mlp)
+        layers.append(plan)
+    return StructurePlan(layers, target, dict(info or {}))
+
+
+def _linear_like(old: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+
+
+@torch.no_grad()
+def keep_rows(old: nn.Linear, rows: torch.Tensor) -> nn.Linear:
+    new = _linear_like(old, old.in_features, rows.numel(), old.bias is not None)
+    new.weight.copy_(old.weight[rows.to(old.weight.device)])
+    if old.bias is not None:
+        new.bias.copy_(old.bias[rows.to(old.bias.device)])
+    return new
+
+
+@torch.no_grad()
+def keep_columns(old: nn.Linear, columns: torch.Tensor, extra_bias: torch.Tensor | None) -> nn.Linear:
+    has_bias = old.bias is not None or extra_bias is not None
+    new = _linear_like(old, columns.numel(), old.out_features, has_bias)
+    new.weight.copy_(old.weight[:, columns.to(old.weight.device)])
+    if has_bias:
+        bias = torch.zeros(old.out_features, dtype=torch.float64, device=old.weight.device)
+        if old.bias is not None:
+            bias += old.bias.double()
+        if extra_bias is not None:
+            bias += extra_bias.to(bias.device, torch.float64)
+        new.bias.copy_(bias)
+    return new
+
+
+def check_gqa(heads: list[int], kv_heads: list[int], group_size: int, layer: int) -> int:
+    """Kept query heads must fill equal, contiguous groups over the kept KV heads; returns the new group size."""
+    if not kv_heads or not heads or len(heads) % len(kv_heads):
+        raise ValueError(f"layer {layer}: {len(heads)} query heads cannot share {len(kv_heads)} KV heads equally")
+    per = len(heads) // len(kv_heads)
+    for i, g in enumerate(kv_heads):
+        for h in heads[i * per : (i + 1) * per]:
+            if h // group_size != g:
+                raise ValueError(f"layer {layer}: query head {h} is not in KV group {g}")
+    return per
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, structure: LlamaStructure, plan: StructurePlan) -> None:
+    """Shrink every block of `model` (in place) to the plan, then record the sizes in its config."""
+    blocks = structure.blocks()
+    if len(blocks) != len(plan.layers):
+        raise ValueError(f"plan has {len(plan.layers)} layers, the model {len(blocks)}")
+    for index, (block, layer) in enumerate(zip(blocks, plan.layers, strict=True)):
+        layout = structure.layout(block)
+        attn, mlp = structure.attention(block), structure.mlp_module(block)
+        per_group = check_gqa(layer.heads, layer.kv_heads, layout.group_size, index)
+        q_rows = _channels_of(layer.heads, layout.head_dim)
+        kv_rows = _channels_of(layer.kv_heads, layout.head_dim)
+        attn.q_proj = keep_rows(attn.q_proj, q_rows)
+        attn.k_proj = keep_rows(attn.k_proj, kv_rows)
+        attn.v_proj = keep_rows(attn.v_proj, kv_rows)
+        attn.o_proj = keep_columns(attn.o_proj, q_rows, layer.o_bias)
+        attn.num_key_value_groups = per_group
+        for name, value in (("num_heads", len(layer.heads)), ("num_attention_heads", len(layer.heads)),
+                            ("num_key_value_heads", len(layer.kv_heads))):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        channels = torch.tensor(layer.channels, dtype=torch.long)
+        mlp.gate_proj = keep_rows(mlp.gate_proj, channels)
+        mlp.up_proj = keep_rows(mlp.up_proj, channels)
+        mlp.down_proj = keep_columns(mlp.down_proj, channels, layer.down_bias)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = len(layer.channels)
+    setattr(model.config, SPEC_KEY, structure_spec(model, structure))
+
+
+def structure_spec(model: nn.Module, structure: LlamaStructure) -> dict[str, Any]:
+    """Per-layer head counts, intermediate sizes and which linears carry a bias: all a loader needs."""
+    layers = []
+    for block in structure.blocks():
+        layout = structure.layout(block)
+        biased = [name for name in LINEARS if block.get_submodule(name).bias is not None]
+        layers.append({"num_attention_heads": layout.heads, "num_key_value_heads": layout.kv_heads,
+                       "intermediate_size": layout.channels, "bias": biased})
+    return {"format": 1, "family": structure.adapter.family, "head_dim": structure.head_dim, "layers": layers}
