@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from prunekit.errors import PrunekitError
 from prunekit.methods.registry import register
@@ -53,6 +53,17 @@ class SeapConfig(StructuredConfig):
     def _upper_metric(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _tasks_given(self) -> SeapConfig:
+        """Checked with the options, before any model is loaded."""
+        if not self.tasks:
+            raise ValueError("seap needs at least one task: pass --task NAME=SOURCE (repeatable)")
+        if GENERAL in self.tasks:
+            raise ValueError(f"task name {GENERAL!r} is reserved for the all-task mask; choose another name")
+        if self.apply != GENERAL and self.apply not in self.tasks:
+            raise ValueError(f"apply={self.apply!r} is neither {GENERAL!r} nor a task ({', '.join(self.tasks)})")
+        return self
+
 
 def merged(per_task: list[list[BlockStatistics]]) -> list[BlockStatistics]:
     """The general statistics: every task's accumulators added, block by block."""
@@ -67,15 +78,6 @@ def merged(per_task: list[list[BlockStatistics]]) -> list[BlockStatistics]:
 class Seap(StructuredMethod):
     name = "seap"
     config_class = SeapConfig
-
-    def check_tasks(self) -> None:
-        cfg = self.config
-        if not cfg.tasks:
-            raise PrunekitError("seap needs at least one task: pass --task NAME=SOURCE (repeatable)")
-        if GENERAL in cfg.tasks:
-            raise PrunekitError(f"task name {GENERAL!r} is reserved for the all-task mask; choose another name")
-        if cfg.apply != GENERAL and cfg.apply not in cfg.tasks:
-            raise PrunekitError(f"apply={cfg.apply!r} is neither {GENERAL!r} nor a task ({', '.join(cfg.tasks)})")
 
     def plan(self, structure: LlamaStructure, stats: list[BlockStatistics] | None, sparsity: float) -> StructurePlan:
         cfg = self.config
@@ -92,7 +94,6 @@ class Seap(StructuredMethod):
 
     def make_plans(self, structure: LlamaStructure, sparsity: float, gather: Gather
                    ) -> tuple[dict[str, StructurePlan], str, Any]:
-        self.check_tasks()
         prepared = {}
         for name, source in self.config.tasks.items():  # every source is checked before any forward pass
             try:

@@ -144,6 +144,10 @@ def save_outputs(report: StructuredReport, model: nn.Module, tokenizer: Any, out
 
     if len(report.plans) == 1:
         return [save_model(model, tokenizer, out, manifest, overwrite=overwrite)]
+    config = report.method.get("config", {})
+    if names is None and "outputs" in config:  # seap: all, tasks or general
+        tasks = [name for name in report.plans if name in config.get("tasks", {})]
+        names = {"all": list(report.plans), "tasks": tasks, "general": ["general"]}[config["outputs"]]
     root = check_output_dir(out, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     paths = []
