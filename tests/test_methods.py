@@ -185,6 +185,25 @@ def test_sparsegpt_raises_damping_when_cholesky_fails(caplog):
     assert int(mask.sum()) == 64 and torch.isfinite(new).all()
 
 
+@pytest.mark.parametrize("target", [SparsityTarget(0.5), SparsityTarget(0.3), SparsityTarget(0.5, 2, 4)])
+def test_sparsegpt_group_equals_layer_by_layer(target):
+    """Stacking q/k/v (shared H⁻¹, one column loop) gives the same result as one layer at a time."""
+    from prunekit.methods import build_method
+    from prunekit.pruning.statistics import InputHessian
+
+    generator = torch.Generator().manual_seed(3)
+    stats = InputHessian(32)
+    stats.update(torch.randn(300, 32, generator=generator))
+    weights = {name: torch.randn(rows, 32, generator=generator) for name, rows in (("q", 16), ("k", 8), ("v", 8))}
+    method = build_method("sparsegpt", {"blocksize": 8})
+    grouped = method.prune_group(weights, stats, dict.fromkeys(weights, target))
+    for name, weight in weights.items():
+        single = method.prune_layer(weight, stats, target)
+        assert torch.equal(grouped[name].mask, single.mask), name
+        torch.testing.assert_close(grouped[name].weight, single.weight, rtol=1e-5, atol=1e-5)
+        assert int(single.mask.sum()) == round(target.sparsity * weight.numel())
+
+
 def test_sparsegpt_dead_inputs_are_zeroed():
     weight = torch.randn(4, 8)
     x = torch.randn(50, 8)

@@ -10,7 +10,7 @@ arguments broadcast over the batch. The same swap captures block 0's inputs for 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +88,8 @@ def recording_blocks(model: nn.Module, blocks: nn.ModuleList, sink, stop_at: int
 
 
 def _run(model: nn.Module, input_ids: torch.Tensor) -> None:
-    try:
+    with suppress(StopForward):
         model(input_ids=input_ids, use_cache=False)
-    except StopForward:
-        pass
 
 
 @torch.no_grad()

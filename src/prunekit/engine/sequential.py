@@ -147,8 +147,7 @@ class SequentialEngine:
 
         t0 = time.perf_counter()
         for group, modules in groups:
-            for name, module in modules.items():
-                self._prune_linear(f"{prefix}.{name}", module, stats.get(group))
+            self._prune_group({f"{prefix}.{name}": module for name, module in modules.items()}, stats.get(group))
             stats.pop(group, None)  # free XᵀX early
         timings["prune"] = time.perf_counter() - t0
 
@@ -209,19 +208,24 @@ class SequentialEngine:
             activations[start : start + batch.shape[0]] = _first_output(block(batch, *call.args, **call.kwargs))
         return activations
 
-    def _prune_linear(self, full_name: str, module: nn.Module, statistic: Statistic | None) -> None:
-        target = self.plan.target_for(full_name)
-        if target is None:
+    def _prune_group(self, modules: dict[str, nn.Module], statistic: Statistic | None) -> None:
+        """Prune the linears of one shared-input group (those the plan does not skip)."""
+        targets = {name: self.plan.target_for(name) for name in modules}
+        active = {name: module for name, module in modules.items() if targets[name] is not None}
+        if not active:
             return
-        weight = weight_matrix(module).float()
-        result = self.method.prune_layer(weight, statistic, target)
-        set_weight_matrix(module, result.weight)
-        pruned = int(result.mask.sum().item())
-        self.result.layers.append(LayerRecord(
-            name=full_name, shape=tuple(weight.shape), pattern=target.pattern,
-            target_sparsity=target.sparsity, achieved_sparsity=pruned / weight.numel(),
-            pruned=pruned, numel=weight.numel(),
-        ))
+        weights = {name: weight_matrix(module).float() for name, module in active.items()}
+        results = self.method.prune_group(weights, statistic, {n: targets[n] for n in active})  # type: ignore[misc]
+        for name, module in active.items():
+            result, target = results[name], targets[name]
+            set_weight_matrix(module, result.weight)
+            pruned = int(result.mask.sum().item())
+            numel = result.mask.numel()
+            self.result.layers.append(LayerRecord(
+                name=name, shape=tuple(result.mask.shape), pattern=target.pattern,  # type: ignore[union-attr]
+                target_sparsity=target.sparsity, achieved_sparsity=pruned / numel,  # type: ignore[union-attr]
+                pruned=pruned, numel=numel,
+            ))
 
     def _check_widths(self, blocks: nn.ModuleList) -> None:
         """Fail before any work if an N:M pattern does not fit some layer."""
@@ -241,4 +245,4 @@ class SequentialEngine:
                 continue
             if self.method.needs_calibration:
                 raise ValueError("pruning the LM head is only supported with data-free methods (magnitude)")
-            self._prune_linear(name, module, None)
+            self._prune_group({name: module}, None)

@@ -53,5 +53,12 @@ class PruningMethod(ABC):
     ) -> PruneResult:
         """Prune one [out, in] fp32 weight matrix to `target`."""
 
+    def prune_group(
+        self, weights: dict[str, torch.Tensor], stats: Statistic | None, targets: dict[str, SparsityTarget]
+    ) -> dict[str, PruneResult]:
+        """Prune linears that share one input (q/k/v, gate/up). By default, one layer at a time;
+        a method may override this to share work across the group (SparseGPT shares H⁻¹)."""
+        return {name: self.prune_layer(weight, stats, targets[name]) for name, weight in weights.items()}
+
     def describe(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(), "updates_weights": self.updates_weights}

@@ -63,8 +63,14 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     retries: int = 6,
+    row_segments: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (updated weight with zeros, pruned mask). `weight` is [out, in] fp32, not modified."""
+    """Return (updated weight with zeros, pruned mask). `weight` is [out, in] fp32, not modified.
+
+    `row_segments` lists the row counts of layers stacked into `weight` that share this Hessian: the
+    OBS updates are row-independent, so they run once for the stack, while the unstructured mask of
+    each block is still chosen within each layer (segment) as if the layers were pruned one by one.
+    """
     weight = weight.clone()
     hessian = hessian.clone()
     rows, cols = weight.shape
@@ -82,12 +88,15 @@ def sparsegpt_prune(
         block_hinv = hinv[start:end, start:end]
         diag = torch.diag(block_hinv)
         errors = torch.zeros_like(block)
-        if target.is_nm:
-            block_mask = torch.zeros_like(block, dtype=torch.bool)
-        else:
-            # exact layer total: cumulative rounding spreads round(s·numel) over the blocks
-            k = round(target.sparsity * rows * end) - round(target.sparsity * rows * start)
-            block_mask = _lowest_k(block.square() / diag.square(), k)
+        block_mask = torch.zeros_like(block, dtype=torch.bool)
+        if not target.is_nm:
+            scores = block.square() / diag.square()
+            first = 0
+            for seg_rows in row_segments or [rows]:
+                # exact layer total: cumulative rounding spreads round(s·numel) over the blocks
+                k = round(target.sparsity * seg_rows * end) - round(target.sparsity * seg_rows * start)
+                block_mask[first : first + seg_rows] = _lowest_k(scores[first : first + seg_rows], k)
+                first += seg_rows
         for i in range(end - start):
             if target.is_nm and i % target.m == 0:  # type: ignore[operator]
                 group = slice(i, i + target.m)
@@ -113,9 +122,22 @@ class SparseGPT(PruningMethod):
     updates_weights = True
 
     def prune_layer(self, weight, stats: InputHessian, target: SparsityTarget) -> PruneResult:
+        return self.prune_group({"layer": weight}, stats, {"layer": target})["layer"]
+
+    def prune_group(self, weights, stats: InputHessian, targets) -> dict[str, PruneResult]:
+        """Layers with one input and one target share H⁻¹ and a single pass of the OBS column loop."""
+        if len(set(targets.values())) > 1:
+            return {name: self.prune_layer(w, stats, targets[name]) for name, w in weights.items()}
         cfg = self.config
+        names = list(weights)
+        stacked = torch.cat([weights[n] for n in names], dim=0)
         new_weight, mask = sparsegpt_prune(
-            weight, stats.hessian(), target,
-            blocksize=cfg.blocksize, percdamp=cfg.percdamp, retries=cfg.max_damping_retries,
+            stacked, stats.hessian(), targets[names[0]], blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+            retries=cfg.max_damping_retries, row_segments=[weights[n].shape[0] for n in names],
         )
-        return PruneResult(new_weight, mask)
+        results, first = {}, 0
+        for name in names:
+            rows = weights[name].shape[0]
+            results[name] = PruneResult(new_weight[first : first + rows], mask[first : first + rows])
+            first += rows
+        return results
