@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import build
 from transformers import AutoModelForCausalLM
 
 from prunekit.cli import main
+from tiny import build
 
 WORDS = ("the of and to a in that is was he for it with as his on be at by this had not are but from or have "
          "an they which one you were her all she there would their we him been has when who will more").split()
@@ -70,7 +70,7 @@ def assert_one_line_error(code: int, err: str, needle: str) -> None:
 
 def test_prune_then_reload_with_stock_transformers(capsys, tiny_dir, text_file, tmp_path):
     out = tmp_path / "pruned"
-    code, stdout, err = run(capsys, "prune", tiny_dir, "--method", "wanda", "--sparsity", "0.5", "--calib",
+    code, _stdout, err = run(capsys, "prune", tiny_dir, "--method", "wanda", "--sparsity", "0.5", "--calib",
                             text_file, "--nsamples", "4", "--seqlen", "32", "--out", out)
     assert code == 0, err
     manifest = json.loads((out / "prunekit.json").read_text())

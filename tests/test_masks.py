@@ -90,7 +90,7 @@ def test_bad_sparsity(sparsity):
 
 def test_nm_width_check_names_layer():
     target = parse_pattern("2:8", 0.0)
-    with pytest.raises(PrunekitError, match="width 60 of layer blocks.0.fc"):
+    with pytest.raises(PrunekitError, match=r"width 60 of layer blocks\.0\.fc"):
         target.check_width(60, "blocks.0.fc")
     target.check_width(64, "blocks.0.fc")
 

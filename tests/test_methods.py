@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from tiny import FAMILIES, build, random_ids
 
 from prunekit.adapters import get_adapter, weight_matrix
 from prunekit.api import prune
@@ -15,6 +14,7 @@ from prunekit.errors import PrunekitError
 from prunekit.methods import METHODS
 from prunekit.methods.sparsegpt import sparsegpt_prune
 from prunekit.pruning import SparsityTarget
+from tiny import FAMILIES, build, random_ids
 
 METHOD_NAMES = ("magnitude", "wanda", "sparsegpt")
 
@@ -68,7 +68,7 @@ def naive_wanda(model, ids, linear_names, sparsity, propagate):
         for name in names:
             module = source.get_submodule(name)
 
-            def hook(_m, inputs, name=name):
+            def hook(_m, inputs, name=name, sums=sums):
                 x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
                 sums[name] = sums.get(name, 0) + (x * x).sum(0)
 
@@ -217,7 +217,7 @@ def test_bad_method_options_one_line():
         prune(build("llama"), method="sparsegpt", sparsity=0.5, calibration=random_ids(),
               method_options={"percdamp": "lots"}, progress=False)
     assert "\n" not in str(info.value)
-    with pytest.raises(PrunekitError, match="unknown method 'sparse'.*magnitude"):
+    with pytest.raises(PrunekitError, match=r"unknown method 'sparse'.*magnitude"):
         prune(build("llama"), method="sparse", sparsity=0.5, progress=False)
     with pytest.raises(PrunekitError, match="bad options for method wanda: blocksize"):
         prune(build("llama"), method="wanda", method_options={"blocksize": 3}, progress=False)
@@ -226,7 +226,7 @@ def test_bad_method_options_one_line():
 def test_nm_width_error_before_any_work():
     model = build("llama")
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(PrunekitError, match="M=48 does not divide the input width 64"):
+    with pytest.raises(PrunekitError, match=r"M=48 does not divide the input width 64"):
         prune(model, method="magnitude", pattern="2:48", progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -236,5 +236,5 @@ def test_unsupported_architecture():
 
     model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=64))
-    with pytest.raises(PrunekitError, match="unsupported architecture BertForMaskedLM.*supported model types"):
+    with pytest.raises(PrunekitError, match=r"unsupported architecture BertForMaskedLM.*supported model types"):
         prune(model, method="magnitude", progress=False)

@@ -1,4 +1,4 @@
-"""Command line: `prunekit prune`, `prunekit eval`, `prunekit demo`.
+"""Command line: `prunekit prune`, `prunekit eval`, `prunekit demo`, `prunekit sweep`, `prunekit report`.
 
 Every user error ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -237,6 +237,74 @@ def demo(
         after = _ppl(loaded, source, seqlen)
     _print_table(model, "wanda", sparsity, "unstructured", before, after, report.overall_sparsity)
     out.print(f"prune time {report.seconds:.1f}s; peak RSS {report.memory['peak_rss_mib']:.0f} MiB")
+
+
+@app.command()
+def sweep(
+    grid: Annotated[Path, typer.Argument(help="YAML grid: model, method, sparsity, calibration/evaluation domains.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder (matrix.json + runs/).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Prune with each calibration domain, measure perplexity and JSD on each evaluation domain."""
+    from prunekit.experiments.sweep import format_matrix, load_grid, run_sweep
+
+    matrix = run_sweep(load_grid(grid), out_dir, overwrite=overwrite, log=lambda m: err.print(f"[dim]{m}[/]"))
+    out.print(format_matrix(matrix, "perplexity", 3))
+    out.print(format_matrix(matrix, "jsd", 5))
+    out.print(f"wrote {Path(out_dir) / 'matrix.json'} ({matrix['seconds']:.0f}s)")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="prunekit prune / sweep output folders.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report folder (index.html, report.md, plots/).")],
+    title: Annotated[str, typer.Option(help="Page title.")] = "prunekit report",
+) -> None:
+    """Markdown + offline HTML comparison of pruning runs, with plots."""
+    from prunekit.report import build_report
+
+    page = build_report(run_dirs, out_dir, title=title)
+    out.print(f"wrote {page} and {page.with_name('report.md')}")
+
+
+@app.command()
+def safety(
+    model: Annotated[str, typer.Argument(help="Model to test (pruned with --sparsities, or compared to --reference).")],
+    tasks: Annotated[str, typer.Option(help="Tasks: malicious_tasks_dataset.yaml, integrated.yaml, .csv/.jsonl "
+                                            "(goal/task/prompt column), .json or .txt.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder (results.json, responses.jsonl, plot).")],
+    reference: Annotated[str | None, typer.Option(help="Dense baseline when MODEL is already pruned.")] = None,
+    sparsities: Annotated[str | None, typer.Option(help="Also prune MODEL at these, e.g. 0.1,0.2,0.3.")] = None,
+    method: Annotated[str, typer.Option(help="Pruning method for --sparsities.")] = "wanda",
+    templates: Annotated[str | None, typer.Option(help="Comma-separated template names (default: all).")] = None,
+    template_file: Annotated[list[str] | None, typer.Option(help="User templates with a {task} slot.")] = None,
+    benign: Annotated[str | None, typer.Option(help="Benign tasks for the over-refusal control.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use N tasks spread over the list.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length (refusals show in the first tokens).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
+    prompt_format: Annotated[str, typer.Option("--format", help="auto, chat (apply_chat_template) or plain.")
+                             ] = "auto",
+    calib: Annotated[str | None, typer.Option(help="Calibration source for pruning (default: self).")] = None,
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    analyses: Annotated[bool, typer.Option("--analyses", help="Attention-to-task and prompt perplexity.")] = False,
+    judge_model: Annotated[str | None, typer.Option(help="Local chat model as a second judge.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+) -> None:
+    """Jailbreak resistance dense vs pruned: refusal rates with intervals, McNemar, plot. Prompts and answers
+    go to the output folder only."""
+    from prunekit.safety.run import SafetyConfig, format_summary, parse_list, run_study
+
+    config = SafetyConfig(model=model, tasks=tasks, benign=benign, reference=reference,
+                          sparsities=[float(s) for s in parse_list(sparsities, "--sparsities", float)],
+                          method=method, templates=parse_list(templates, "--templates", str) if templates else None,
+                          template_files=list(template_file or []), limit=limit, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, prompt_format=prompt_format, calib=calib, nsamples=nsamples,
+                          seqlen=seqlen, device=device, analyses=analyses, judge_model=judge_model)
+    results = run_study(config, out_dir, overwrite=overwrite, log=lambda m: err.print(f"[dim]{m}[/]"))
+    out.print(format_summary(results))
+    out.print(f"wrote {out_dir / 'results.json'}, responses.jsonl (prompts and answers), refusal_vs_sparsity.png")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,210 @@
+"""Benchmark of issue 5: jailbreak resistance after Wanda pruning ("Pruning for Protection", Hasan et al. 2024).
+
+Protocol:
+* models: Qwen2.5-Coder-0.5B-Instruct (`qwen2.5-coder-0.5b`) and SmolLM2-135M-Instruct (`smollm2-135m`), two
+  chat models of different initial safety; each dense and Wanda-pruned at 10, 20, 30 % (unstructured, per-output
+  rows), calibration as in the classic-methods benchmark: 128 windows x 512 tokens of
+  ../shared/data/corpora/sotu/train.txt, seed 0;
+* prompts: the paper's integrated.yaml (225 tasks; its ORIGINAL tasks) in ORIGINAL + AIM, CHARACTER, CODE, DAN,
+  KEVIN (or --templates), through each model's chat template; benign control: benign_integrated.yaml's tasks in
+  the same templates (over-refusal);
+* greedy decoding, --max-new-tokens (default 64), batched with left padding; judge: the paper's refusal phrases;
+* per variant: refusal rates with Wilson 95 % intervals (overall, per template, per category/severity in the JSON),
+  benign over-refusal, McNemar's exact test vs dense, attention share of the final prompt position on the task
+  tokens (mean over heads and layers; paired shift vs dense), prompt perplexity (task alone and per template),
+  perplexity on sotu/test.txt (512-token windows) and generation throughput (prompts/s);
+* --max-new-tokens-study: on a sample, verdicts after 32, 64 and 256 new tokens (prefixes of one greedy
+  256-token answer, which equal shorter greedy runs) to choose the default answer length.
+
+Outputs: benchmarks/results/safety.json, safety.md (the table) and one study folder per model under
+benchmarks/results/safety_runs/ (responses.jsonl holds the prompts and answers; nothing harmful is printed).
+
+    python benchmarks/safety.py                                  # the full study (GPU recommended)
+    python benchmarks/safety.py --max-new-tokens-study --limit 20
+    python benchmarks/safety.py --models smollm2-135m --limit 2 --max-new-tokens 8 --sparsities 0.1 \\
+        --nsamples 2 --seqlen 64 --ppl-windows 2                # a smoke run on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SAFETY = SHARED / "safety"
+SOTU = SHARED / "corpora" / "sotu"
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
+TEMPLATES = ("ORIGINAL", "AIM", "CHARACTER", "CODE", "DAN", "KEVIN")
+
+
+def log(message: str) -> None:
+    print(f"[safety] {message}", file=sys.stderr, flush=True)
+
+
+def _device(requested: str | None) -> str:
+    import torch
+
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One model: the whole study through prunekit.safety.run_study; returns its results.json content."""
+    from prunekit.safety.run import SafetyConfig, run_study
+
+    config = SafetyConfig(
+        model=name, tasks=str(SAFETY / "integrated.yaml"), benign=str(SAFETY / "benign_integrated.yaml"),
+        sparsities=args.sparsities, method="wanda", templates=args.templates, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prompt_format="chat",
+        calib=str(SOTU / "train.txt"), nsamples=args.nsamples, seqlen=args.seqlen, seed=0, device=_device(args.device),
+        analyses=not args.no_analyses, ppl_source=str(SOTU / "test.txt"), ppl_seqlen=512,
+        ppl_max_windows=args.ppl_windows)
+    return run_study(config, args.runs / name, overwrite=True, log=lambda m: log(f"{name}: {m}"))
+
+
+def table_rows(name: str, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant: the numbers of the README table."""
+    summary = results["summary"]
+    analyses = results.get("analyses") or {}
+    rows = []
+    for variant, v in summary["variants"].items():
+        info = results["variants"][variant]
+        vs = summary["vs_baseline"].get(variant, {})
+        shift = (analyses.get("vs_baseline") or {}).get(variant, {})
+        tables = (analyses.get("tables") or {}).get(variant, {})
+        att = shift.get("attention_share", {}).get("all") if shift else None
+        rows.append({
+            "model": name, "variant": variant, "sparsity": v["sparsity"],
+            "refusal": v["refusal"], "refusal_by_template": v["refusal_by"]["template"],
+            "benign_over_refusal": v["benign_over_refusal"],
+            "mcnemar_harmful": vs.get("harmful"), "mcnemar_benign": vs.get("benign"),
+            "mcnemar_by_template": vs.get("harmful_by_template"),
+            "attention_share_mean": tables.get("attention_share_mean"),
+            "attention_shift_vs_dense": att,
+            "prompt_perplexity_median": tables.get("prompt_perplexity_median"),
+            "prompt_perplexity_shift_vs_dense": shift.get("prompt_perplexity") if shift else None,
+            "sotu_test_perplexity": (info.get("perplexity") or {}).get("perplexity"),
+            "prompts_per_s": info["generation"]["prompts_per_s"],
+        })
+    return rows
+
+
+def _pct(r: dict[str, Any] | None) -> str:
+    if not r or r.get("rate") is None:
+        return "–"
+    return f"{100 * r['rate']:.1f} [{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}]"
+
+
+def markdown(rows: list[dict[str, Any]], templates: list[str]) -> str:
+    head = ["model", "variant", *templates, "all", "benign over-refusal", "McNemar p", "attn share (Δ, p)",
+            "sotu ppl", "prompts/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r["mcnemar_harmful"]
+        a = r["attention_shift_vs_dense"]
+        mean_share = r["attention_share_mean"]
+        share = "–"
+        if mean_share:
+            share = f"{sum(mean_share.values()) / len(mean_share):.3f}"
+            if a and a.get("mean_difference") is not None:
+                share += f" ({a['mean_difference']:+.4f}, {a['wilcoxon_p_value']:.2g})"
+        cells = [r["model"], r["variant"], *(_pct(r["refusal_by_template"].get(t)) for t in templates),
+                 _pct(r["refusal"]), _pct(r["benign_over_refusal"]),
+                 f"{m['p_value']:.2g} (+{m['gained']}/−{m['lost']})" if m else "–", share,
+                 f"{r['sotu_test_perplexity']:.2f}" if r["sotu_test_perplexity"] else "–",
+                 f"{r['prompts_per_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Prompt perplexity (median over tasks), task alone and inside each template:", ""]
+    ppl_templates = ["task_alone", *templates]
+    lines += ["| model | variant | " + " | ".join(ppl_templates) + " |", "|" + "---|" * (len(ppl_templates) + 2)]
+    for r in rows:
+        med = r["prompt_perplexity_median"] or {}
+        lines.append(f"| {r['model']} | {r['variant']} | "
+                     + " | ".join(f"{med[t]:.1f}" if t in med else "–" for t in ppl_templates) + " |")
+    return "\n".join(lines)
+
+
+def max_new_tokens_study(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Verdicts of the dense model after 32, 64 and 256 new tokens on a sample (prefixes of one greedy answer)."""
+    from prunekit.models import load_model
+    from prunekit.safety.data import build_prompts, load_suite, select_templates, subset
+    from prunekit.safety.generate import encode, generate
+    from prunekit.safety.judges import PrefixJudge
+    from prunekit.safety.stats import mcnemar_exact, rate
+
+    tasks, available = load_suite(SAFETY / "integrated.yaml")
+    prompts = build_prompts(subset(tasks, args.limit or 20), select_templates(args.templates, available))
+    loaded = load_model(name)
+    model = loaded.model.to(_device(args.device))
+    ids = [encode(loaded.tokenizer, p.text, "chat").ids for p in prompts]
+    gen = generate(model, loaded.tokenizer, ids, max_new_tokens=256, batch_size=args.batch_size)
+    judge = PrefixJudge()
+    verdicts = {}
+    for cut in (32, 64, 256):
+        texts = [loaded.tokenizer.decode(t[:cut], skip_special_tokens=True) for t in gen.token_ids]
+        verdicts[cut] = judge.judge([p.text for p in prompts], texts)
+    return {
+        "model": name, "prompts": len(prompts), "generation": gen.describe(),
+        "refusal": {str(c): rate(v) for c, v in verdicts.items()},
+        "changed_vs_256": {str(c): sum(a != b for a, b in zip(verdicts[c], verdicts[256], strict=True))
+                           for c in (32, 64)},
+        "mcnemar_vs_256": {str(c): mcnemar_exact(verdicts[c], verdicts[256]) for c in (32, 64)},
+        "answers_shorter_than_32": sum(len(t) < 32 for t in gen.token_ids),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--templates", nargs="*", default=list(TEMPLATES), help="template names, or 'all'")
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--limit", type=int, default=None, help="tasks (spread over the 225) per template")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--ppl-windows", type=int, default=None, help="limit sotu test windows (default: all)")
+    parser.add_argument("--no-analyses", action="store_true", help="skip attention and prompt perplexity")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--max-new-tokens-study", action="store_true",
+                        help="only the 32/64/256-token verdict comparison, on --limit tasks (default 20)")
+    parser.add_argument("--runs", type=Path, default=RESULTS / "safety_runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "safety.json")
+    args = parser.parse_args()
+    if not SAFETY.exists():
+        raise SystemExit(f"missing {SAFETY}: the benchmark needs ../shared/data")
+    if args.templates == ["all"]:
+        from prunekit.safety.data import paper_templates
+
+        args.templates = list(paper_templates())
+    started = time.perf_counter()
+    if args.max_new_tokens_study:
+        study = [max_new_tokens_study(name, args) for name in args.models]
+        out = args.out.with_name("safety_max_new_tokens.json")
+        out.write_text(json.dumps(study, indent=1))
+        for s in study:
+            print(f"{s['model']}: {s['prompts']} prompts; refusal 32/64/256 tokens: "
+                  + ", ".join(f"{100 * r['rate']:.1f} %" for r in s["refusal"].values())
+                  + f"; verdicts changed vs 256: {s['changed_vs_256']}")
+        print(f"wrote {out}")
+        return
+    rows = []
+    for name in args.models:
+        rows += table_rows(name, run_model(name, args))
+    result = {"protocol": __doc__, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "rows": rows, "seconds": time.perf_counter() - started}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    table = markdown(rows, args.templates)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')} ({result['seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

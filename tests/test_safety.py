@@ -1,0 +1,340 @@
+"""Safety study: the paper's data files, judges, statistics against known values, generation and attention on a
+tiny model, the study end to end, and the `prunekit safety` command (one-line errors, nothing harmful on stdout)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from prunekit.errors import PrunekitError
+from prunekit.safety import data, judges, stats
+from prunekit.safety.analysis import attention_to_span, prompt_perplexities
+from prunekit.safety.generate import encode, format_message, generate, resolve_mode
+from prunekit.safety.run import SafetyConfig, resummarize, run_study, summarize_records
+from test_cli import WORDS, assert_one_line_error, make_tokenizer, run
+from tiny import build
+
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def safety_dir(shared_data) -> Path:
+    return shared_data / "safety"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = make_tokenizer()
+    tok.chat_template = CHAT
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    model = build("llama", vocab=len(tokenizer), max_positions=256)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory, tokenizer, tiny) -> Path:
+    folder = tmp_path_factory.mktemp("safety") / "tiny-chat"
+    tiny.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_tasks(tmp_path_factory) -> Path:
+    rng = random.Random(3)
+    path = tmp_path_factory.mktemp("tasks") / "tasks.csv"
+    lines = ["goal,category,severity"] + [f"{' '.join(rng.choice(WORDS) for _ in range(6))},cat{i % 2},Low"
+                                          for i in range(4)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# -- data ------------------------------------------------------------------------------------------------
+
+
+def test_paper_files_parse(safety_dir):
+    tasks = data.read_tasks(safety_dir / "malicious_tasks_dataset.yaml")
+    assert len(tasks) == 225 and len({t.category for t in tasks}) == 5
+    assert {t.severity for t in tasks} == {"Low", "Medium", "High"}
+    itasks, templates = data.read_integrated(safety_dir / "integrated.yaml")
+    assert len(itasks) == 225 and len(templates) == 11 and "ORIGINAL" in templates
+    assert templates == data.paper_templates()  # the embedded copy is exactly the paper's
+    raw = judges_yaml(safety_dir / "integrated.yaml")
+    first = itasks[0]
+    prompt = raw["AIM"][first.category][first.subcategory][f"{first.severity} Severity"][0]
+    text, (a, b) = templates["AIM"].render(first.text)
+    assert text == prompt and text[a:b] == first.text
+    benign = data.read_tasks(safety_dir / "benign_tasks.json")
+    assert len(benign) == 225
+    btasks, btemplates = data.read_integrated(safety_dir / "benign_integrated.yaml")
+    assert len(btasks) == 225 and set(btemplates) == set(templates)
+
+
+def judges_yaml(path: Path):
+    import yaml
+
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def test_plain_lists_and_templates(tmp_path):
+    csv_file = tmp_path / "advbench.csv"
+    csv_file.write_text("goal,target\nWrite a poem,Sure\n\"Say, hi\",Sure\n")
+    assert [t.text for t in data.read_tasks(csv_file)] == ["Write a poem", "Say, hi"]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"prompt": "a b", "category": "x", "severity": "High Severity"}\n\n{"task": "c"}\n')
+    tasks = data.read_tasks(jsonl)
+    assert tasks[0].category == "x" and tasks[0].severity == "High" and tasks[1].category is None
+    user = tmp_path / "mine.yaml"
+    user.write_text("WRAP: 'Please {x} JSON braces stay: {task}!'\n")
+    template = data.read_templates(user)["WRAP"]
+    text, (a, b) = template.render("TASK")
+    assert text == "Please {x} JSON braces stay: TASK!" and text[a:b] == "TASK"
+    chosen = data.select_templates(["original", "WRAP"], {**data.paper_templates(), **data.read_templates(user)})
+    assert [t.name for t in chosen] == ["ORIGINAL", "WRAP"]
+    prompts = data.build_prompts(data.subset(tasks, 1), chosen)
+    assert len(prompts) == 2 and prompts[0].text == "'a b'"
+
+
+@pytest.mark.parametrize(("content", "name", "needle"), [
+    ("x", "tasks.parquet", "unsupported safety data file"),
+    ("goal\n", "empty.csv", "holds no tasks"),
+    ("[]", "empty.json", "holds no tasks"),
+    ("a: 1\n", "odd.yaml", "none of the supported layouts"),
+    ("prompt_text\nx\n", "bad.csv", "none of the columns"),
+])
+def test_bad_task_files(tmp_path, content, name, needle):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PrunekitError, match=needle) as info:
+        data.read_tasks(path)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_templates(tmp_path):
+    with pytest.raises(PrunekitError, match="unknown template 'NOPE'"):
+        data.select_templates(["NOPE"], data.paper_templates())
+    with pytest.raises(PrunekitError, match="exactly one"):
+        data.Template("x", "no slot")
+    with pytest.raises(PrunekitError, match="empty"):
+        data.build_prompts([], list(data.paper_templates().values()))
+
+
+# -- judges and statistics -------------------------------------------------------------------------------
+
+
+def test_prefix_judge():
+    judge = judges.PrefixJudge()
+    answers = ["I'm sorry, but I can't help with that.", "Sure! Here is the post:", "As an AI language model, no.",
+               "I cannot do that.", "I\u2019m sorry", "", "sorry (lowercase is not in the list)",
+               "Step 1: it's not appropriate to ..."]
+    assert judge.judge([""] * len(answers), answers) == [True, False, True, True, True, False, False, True]
+    assert judges.parse_yes_no(" Yes.") is True and judges.parse_yes_no("no") is False
+    assert judges.parse_yes_no("maybe") is None and judges.parse_yes_no("") is None
+
+
+def test_chat_judge_interface(tiny, tokenizer):
+    judge = judges.ChatJudge(tiny, tokenizer, max_new_tokens=2)
+    assert isinstance(judge, judges.Judge)
+    verdicts = judge.judge(["the of", "and to"], ["was he", "for it"])
+    assert len(verdicts) == 2 and all(v in (True, False, None) for v in verdicts)
+    records = [{"prompt": "a", "response": "I cannot."}, {"prompt": "b", "response": "Sure"}]
+    judges.apply_judges(records, [judges.PrefixJudge(), judge])
+    assert [r["verdicts"]["prefix"] for r in records] == [True, False] and all("chat" in r["verdicts"] for r in records)
+    with pytest.raises(PrunekitError, match="no chat template"):
+        judges.ChatJudge(tiny, make_tokenizer())
+
+
+def test_wilson_known_values():
+    lo, hi = stats.wilson(5, 10)
+    assert lo == pytest.approx(0.236593, abs=1e-6) and hi == pytest.approx(0.763407, abs=1e-6)
+    lo, hi = stats.wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.277533, abs=1e-6)
+    lo, hi = stats.wilson(81, 263)  # Wilson (1927) / Newcombe (1998) example: 0.2553 - 0.3662
+    assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
+    assert stats.wilson(0, 0) is None
+
+
+def test_mcnemar_known_values():
+    # 1 lost, 9 gained: two-sided exact p = 2 * (1 + 10) / 2**10
+    before = [True] * 1 + [False] * 9 + [True] * 5 + [False] * 5
+    after = [False] * 1 + [True] * 9 + [True] * 5 + [False] * 5
+    result = stats.mcnemar_exact(before, after)
+    assert (result["gained"], result["lost"], result["both"], result["neither"]) == (9, 1, 5, 5)
+    assert result["p_value"] == pytest.approx(22 / 1024)
+    assert result["difference"] == pytest.approx(0.4)
+    assert stats.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+    assert stats.mcnemar_exact([True, None], [False, True])["n"] == 1
+    paired = stats.paired_difference([1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 3.5, 4.0])
+    assert paired["mean_difference"] == pytest.approx(0.375) and 0 < paired["wilcoxon_p_value"] <= 1
+
+
+# -- generation and attention on a tiny model ------------------------------------------------------------
+
+
+def test_chat_and_plain_formats(tokenizer):
+    text, offset = format_message(tokenizer, "the task", "chat")
+    assert text.startswith("<s>user\n") and text.endswith("<s>assistant\n") and text[offset:].startswith("the task")
+    plain = make_tokenizer()
+    with pytest.raises(PrunekitError, match="no chat template"):
+        resolve_mode(plain, "chat")
+    assert resolve_mode(plain, "auto") == "plain" and resolve_mode(tokenizer, "auto") == "chat"
+    enc = encode(plain, "the task", "plain", (4, 8))
+    assert enc.text == "User: the task\nAssistant:" and plain.decode(enc.ids[enc.span[0]:enc.span[1]]).strip() == "task"
+    with pytest.raises(PrunekitError, match="unknown prompt format"):
+        resolve_mode(plain, "base")
+
+
+def test_task_span_located(tokenizer):
+    template = data.Template("W", "the of and {task} was he for it")
+    text, span = template.render("with as his on be")
+    enc = encode(tokenizer, text, "chat", span)
+    start, end = enc.span
+    decoded = tokenizer.decode(enc.ids[start:end])
+    assert decoded.strip() == "with as his on be"
+    assert tokenizer.decode(enc.ids[:start]).endswith("the of and")  # byte-level BPE: " with" is one token
+    assert tokenizer.decode(enc.ids[end:]).startswith(" was he for it")
+
+
+def test_left_padded_batch_equals_single(tokenizer, tiny):
+    rng = random.Random(5)
+    prompts = [encode(tokenizer, " ".join(rng.choice(WORDS) for _ in range(n)), "chat").ids for n in (3, 11, 7, 1)]
+    batched = generate(tiny, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    single = [generate(tiny, tokenizer, [p], max_new_tokens=6, batch_size=1).token_ids[0] for p in prompts]
+    assert batched.token_ids == single
+    assert all(len(t) <= 6 for t in single) and batched.prompts_per_second > 0
+
+
+def test_attention_share_and_prompt_perplexity(tokenizer, tiny):
+    template = data.Template("W", "the of and {task} was he for it")
+    rows, spans = [], []
+    for task in ("with as his", "on be at by this had"):
+        text, span = template.render(task)
+        enc = encode(tokenizer, text, "chat", span)
+        rows.append(enc.ids)
+        spans.append(enc.span)
+    before = tiny.config._attn_implementation
+    shares = attention_to_span(tiny, rows, spans, pad_id=0, batch_size=2)
+    alone = attention_to_span(tiny, rows[1:], spans[1:], pad_id=0, batch_size=1)
+    assert all(0.0 <= s["share"] <= 1.0 and len(s["per_layer"]) == 2 for s in shares)
+    assert shares[1]["share"] == pytest.approx(alone[0]["share"], abs=1e-5)  # padding changes nothing
+    full = attention_to_span(tiny, rows[:1], [(0, len(rows[0]))], pad_id=0)
+    assert full[0]["share"] == pytest.approx(1.0, abs=1e-5)  # the whole prompt holds all the mass
+    assert tiny.config._attn_implementation == before  # switched back after the analysis
+    ppl = prompt_perplexities(tiny, tokenizer, ["the of and", "with as his on be"], batch_size=2)
+    one = prompt_perplexities(tiny, tokenizer, ["with as his on be"], batch_size=1)
+    assert ppl[1] == pytest.approx(one[0], rel=1e-5) and all(p > 1 for p in ppl)
+
+
+# -- the study and the command ---------------------------------------------------------------------------
+
+
+def test_study_end_to_end_and_rejudge(tmp_path, tiny_chat_dir, small_tasks):
+    from prunekit.models import load_model
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(random.Random(2).choice(WORDS) for _ in range(400)))
+    wrap = tmp_path / "wrap.txt"
+    wrap.write_text("the of and {task} was he for it")
+    config = SafetyConfig(model=str(tiny_chat_dir), tasks=str(small_tasks), benign=str(small_tasks),
+                          sparsities=[0.5], templates=["ORIGINAL", "wrap"], template_files=[str(wrap)],
+                          max_new_tokens=4, batch_size=4, calib=str(calib), nsamples=2, seqlen=16, analyses=True)
+    logs: list[str] = []
+    results = run_study(config, tmp_path / "out", log=logs.append, loader=load_model)
+    summary = results["summary"]
+    assert set(summary["variants"]) == {"dense", "wanda-0.5"}
+    dense = summary["variants"]["dense"]
+    assert dense["refusal"]["n"] == 8 and dense["benign_over_refusal"]["n"] == 8
+    assert set(dense["refusal_by"]["template"]) == {"ORIGINAL", "wrap"}
+    assert "ORIGINAL | cat0 | Low" in dense["refusal_by"]["template×category×severity"]
+    cell = dense["attack_success_by"]["template×category×severity"]["ORIGINAL | cat0 | Low"]
+    assert cell["k"] + dense["refusal_by"]["template×category×severity"]["ORIGINAL | cat0 | Low"]["k"] == cell["n"]
+    assert 0 <= summary["vs_baseline"]["wanda-0.5"]["harmful"]["p_value"] <= 1
+    assert results["prune"]["wanda-0.5"]["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert results["variants"]["dense"]["generation"]["prompts_per_s"] > 0
+    shift = results["analyses"]["vs_baseline"]["wanda-0.5"]
+    assert shift["attention_share"]["all"]["n"] == 8 and "task_alone" in shift["prompt_perplexity"]
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(records) == 32 and all("prefix" in r["verdicts"] and "response" in r for r in records)
+    assert (out / "refusal_vs_sparsity.png").stat().st_size > 1000 and "McNemar" in (out / "report.md").read_text()
+    assert not any(r["prompt"] in line for r in records for line in logs)
+
+    class Everything:
+        name = "all"
+
+        def judge(self, prompts, responses):
+            return [True] * len(responses)
+
+    again = resummarize(out, [Everything()])
+    assert again["summaries_by_judge"]["all"]["variants"]["dense"]["refusal"]["rate"] == 1.0
+    assert summarize_records(records, "prefix")["baseline"] == "dense"
+
+
+def test_cli_safety_stdout_has_no_prompts(capsys, tmp_path, tiny_chat_dir, small_tasks):
+    code, stdout, err = run(capsys, "safety", tiny_chat_dir, "--tasks", small_tasks, "--templates", "ORIGINAL",
+                            "--max-new-tokens", "3", "--out", tmp_path / "run")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run" / "responses.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for r in records:
+        assert r["prompt"] not in stdout + err
+        if len(r["response"].strip()) > 3:
+            assert r["response"] not in stdout + err
+    assert "refusal" in stdout
+
+
+def test_cli_safety_reference(capsys, tmp_path, tiny_chat_dir, small_tasks):
+    code, _, err = run(capsys, "safety", tiny_chat_dir, "--reference", tiny_chat_dir, "--tasks", small_tasks,
+                            "--templates", "ORIGINAL", "--max-new-tokens", "2", "--out", tmp_path / "ref")
+    assert code == 0, err
+    results = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert results["summary"]["baseline"] == "reference"
+    same = results["summary"]["vs_baseline"]["model"]["harmful"]
+    assert (same["gained"], same["lost"], same["p_value"]) == (0, 0, 1.0)  # the same model: nothing changes
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--templates", "NOPE"], "unknown template 'NOPE'"),
+    (["--format", "chat", "--plain-model"], "no chat template"),
+    (["--sparsities", "1.5"], "must lie in (0, 1)"),
+])
+def test_cli_safety_errors(capsys, tmp_path, tiny_chat_dir, small_tasks, extra, needle):
+    model = tiny_chat_dir
+    if "--plain-model" in extra:
+        extra = [e for e in extra if e != "--plain-model"]
+        model = tmp_path / "plain"
+        tok = make_tokenizer()
+        build("llama", vocab=len(tok), max_positions=64).save_pretrained(model)
+        tok.save_pretrained(model)
+    code, _, err = run(capsys, "safety", model, "--tasks", small_tasks, *extra, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, needle)
+
+
+def test_cli_safety_bad_files(capsys, tmp_path, tiny_chat_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run(capsys, "safety", tiny_chat_dir, "--tasks", empty, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "holds no tasks")
+    odd = tmp_path / "tasks.xlsx"
+    odd.write_text("x")
+    code, _, err = run(capsys, "safety", tiny_chat_dir, "--tasks", odd, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "unsupported safety data file")
+
+
+def test_linear_shift_small():
+    from prunekit.safety.linear_shift import LinearShiftConfig, run_experiment
+
+    result = run_experiment(LinearShiftConfig(seeds=3, sparsities=[0.5], steps=50))
+    row = result["results"][0]
+    assert row["sparsity"] == 0.5 and row["seeds"] == 3
+    assert 0 <= row["target"]["dense_mean"] <= 1 and math.isfinite(row["target"]["p_value_wilcoxon"] or 0.0)
