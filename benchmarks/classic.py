@@ -93,6 +93,20 @@ def print_table(rows: list[dict]) -> None:
     Console().print(table)
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The README's results table."""
+    lines = ["| config | achieved sparsity | perplexity | prune wall s | × dense forward (wall) | × (CPU time) "
+             "| peak RSS MiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pruned = "prune_s" in r
+        lines.append(
+            f"| {r['config']} | {r.get('achieved_sparsity', 0.0):.4f} | {r['perplexity']:.2f} | "
+            f"{r['prune_s']:.1f} | {r['ratio_to_dense_forward']:.2f} | {r['cpu_ratio_to_dense_forward']:.2f} | "
+            f"{r['peak_rss_mib']:.0f} |" if pruned else
+            f"| {r['config']} | 0 | {r['perplexity']:.2f} | – | – | – | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="configurations to (re)run")
@@ -101,11 +115,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-windows", type=int, default=None, help="limit evaluation windows (default: all)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", action="store_true", help="print the stored results as a Markdown table")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_one(args.child, args.nsamples, args.seqlen, args.batch_size,
                                              args.max_windows)))
+        return
+    if args.markdown:
+        print(markdown_table(json.loads(args.out.read_text())["rows"]))
         return
     if not SOTU.exists():
         sys.exit(f"error: {SOTU} not found (the benchmark needs ../shared/data)")

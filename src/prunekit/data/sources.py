@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,7 @@ def sample_from_model(
     batch_size: int = 8,
     top_k: int = SELF_TOP_K,
     temperature: float = SELF_TEMPERATURE,
+    progress: bool = True,
 ) -> TokenSource:
     """Calibration text sampled from the model itself (Williams & Aletras 2024), for offline use.
 
@@ -422,6 +424,9 @@ def sample_from_model(
                         "accepted: a model whose generate() honours min_new_tokens"
                     )
                 rows.append(out.to("cpu", torch.long))
+                if progress:
+                    print(f"self-sampling calibration: {start + n}/{nsamples} rows of {seqlen} tokens",
+                          file=sys.stderr, flush=True)
     finally:
         model.train(was_training)
     ids = torch.cat(rows)
