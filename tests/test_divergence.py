@@ -10,8 +10,6 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import WORDS, assert_one_line_error, make_tokenizer, run
-from tiny import build
 
 from prunekit.api import prune
 from prunekit.evaluation.divergence import (
@@ -23,6 +21,8 @@ from prunekit.evaluation.divergence import (
     token_divergences,
 )
 from prunekit.evaluation.perplexity import perplexity
+from test_cli import WORDS, assert_one_line_error, make_tokenizer, run
+from tiny import build
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,12 @@ def test_cache_is_compact_and_checked(tok, docs, pair, tmp_path):
     wide = build("llama", vocab=len(tok) + 8, max_positions=128)
     with pytest.raises(Exception, match="different vocabularies"):
         divergence(wide, ref)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(Exception, match="not a dense log-prob cache"):
+        cache_reference(dense, tok, docs, precious, seqlen=32)
+    assert (precious / "notes.txt").exists()
 
 
 def test_cli_jsd(capsys, tmp_path, tok, pair):
@@ -149,3 +155,20 @@ def test_cli_jsd(capsys, tmp_path, tok, pair):
     code, _, err = run(capsys, "eval", tmp_path / "other", "--reference", tmp_path / "dense", "--jsd", text,
                        "--seqlen", "32")
     assert_one_line_error(code, err, "different")
+
+
+@pytest.mark.real_model
+def test_topk_cache_close_to_exact_on_real_model(smollm2, sotu):
+    """The compact cache (top-1024 + lumped tail) against the full distributions on SmolLM2, 1 x 128 tokens."""
+    dense, tokenizer = smollm2
+    pruned = copy.deepcopy(dense)
+    prune(pruned, method="magnitude", sparsity=0.3, progress=False)
+    source = str(sotu / "test.txt")
+    approx = compare(dense, pruned, tokenizer, source, seqlen=128, max_windows=1)
+    exact = compare(dense, pruned, tokenizer, source, seqlen=128, max_windows=1, topk=10**6)
+    assert exact.exact and not approx.exact and approx.topk == 1024
+    assert approx.jsd_mean <= exact.jsd_mean + 1e-9  # a lower bound
+    assert approx.jsd_mean == pytest.approx(exact.jsd_mean, rel=0.08)
+    assert approx.kl_mean <= exact.kl_mean + 1e-9
+    assert approx.top1_agreement == exact.top1_agreement
+    assert approx.perplexity == pytest.approx(exact.perplexity, rel=1e-6)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import assert_one_line_error, make_tokenizer, run
-from tiny import build
 
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.local_tasks import CHOICE_TASK, CLOZE_TASK, build_local_tasks
 from prunekit.evaluation.zeroshot import check_task_names, parse_tasks, task_manager, zeroshot
+from test_cli import assert_one_line_error, make_tokenizer, run
+from tiny import build
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_local_task_files_are_well_formed(sotu_text, tmp_path):
     cloze = _rows(tmp_path / f"{CLOZE_TASK}.jsonl")
     for row in cloze:
         # the target is the word that really ends the passage, and passage = context + target
-        assert row["target"].startswith(" ") and row["target"].strip().isalpha() or "'" in row["target"]
+        assert row["target"].startswith(" ") and re.fullmatch(r"[A-Za-z][A-Za-z'-]+", row["target"][1:])
         assert row["context"] + row["target"] == row["passage"]
         assert row["passage"] in text and len(row["context"].split()) >= 20
     choice = _rows(tmp_path / f"{CHOICE_TASK}.jsonl")
@@ -69,14 +70,6 @@ def test_lm_eval_on_tiny_model(sotu_text, tiny_dir, tmp_path):
     assert 0 <= choice["acc"] <= 1 and 0 <= choice["acc_norm"] <= 1 and choice["acc_stderr"] >= 0
     assert choice["version"] == 1.0 and result.lm_eval_version
     assert result.seconds_per_1000 > 0
-
-
-def test_real_model_beats_chance_on_next_sentence(smollm2_loaded, sotu_text):
-    result = zeroshot(smollm2_loaded.model, smollm2_loaded.tokenizer, local_source=str(sotu_text), local_n=40,
-                      batch_size=8)
-    assert result.tasks[CHOICE_TASK]["n"] == 40
-    assert result.tasks[CHOICE_TASK]["acc"] > 0.4  # chance is 0.25
-    assert result.tasks[CLOZE_TASK]["acc"] > 0.1
 
 
 def test_task_names_checked_with_close_matches():

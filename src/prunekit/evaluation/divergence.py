@@ -18,6 +18,10 @@ Approximation (topk < vocab): the tail outside the dense top-k is treated as one
 are computed between the two distributions coarsened to {top-k tokens, "other"}. By the data-processing
 inequality both are lower bounds of the exact values; the gap is bounded by the dense tail mass, which is
 reported (`tail_mass_mean`). With topk >= vocab the cache holds every log-prob and the result is exact.
+Measured on SmolLM2-135M (vocab 49152; 2 x 256 tokens of SOTU, magnitude 30 % / 50 %): the dense tail
+mass is 12 % beyond the top 64, 6 % beyond 256, 2 % beyond 1024, and the mean JSD is underestimated
+by about 21 %, 11 % and 4 % respectively; hence the default top-1024 (8 KiB per token: fp32 values and
+int32 ids, vs 96 KiB for full fp16 log-probs). Use topk >= vocab when the text is small and exactness matters.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from prunekit.data.sources import TextSource, TokenSource, sha256_ids
 from prunekit.errors import PrunekitError
 
-DEFAULT_TOPK = 64
+DEFAULT_TOPK = 1024
 HIST_BINS = 40
 LN2 = math.log(2.0)
 CACHE_FORMAT = "prunekit.dense-logprobs.v1"
@@ -168,9 +172,11 @@ def cache_reference(
     windows, prov, dropped = _prepare(model, tokenizer, source, seqlen=seqlen, bos=bos, split=split,
                                       max_windows=max_windows)
     out = Path(folder)
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / "meta.json").exists():  # never delete a folder that is not one of our caches
+            raise PrunekitError(f"cache folder {out} exists and is not a dense log-prob cache; accepted: a new folder")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     nwin = int(windows.shape[0])
     vocab = None

@@ -65,7 +65,7 @@ def split_sentences(documents: list[str]) -> list[list[str]]:
         sentences: list[str] = []
         cuts = [m.span(1) for m in _SENTENCE_END.finditer(text)]
         starts, ends = [0] + [b for _, b in cuts], [a for a, _ in cuts] + [len(text)]
-        for piece in (text[a:b].strip() for a, b in zip(starts, ends)):
+        for piece in (text[a:b].strip() for a, b in zip(starts, ends, strict=True)):
             if sentences and _ABBREVIATION.search(sentences[-1]):
                 sentences[-1] = f"{sentences[-1]} {piece}"
             elif piece:

@@ -45,7 +45,7 @@ def run_evaluation(
     limit: int | None = None,
     reference: str | None = None,
     jsd: str | None = None,
-    topk: int = 64,
+    topk: int = 1024,
     seqlen: int | None = None,
     batch_size: int = 8,
     bos: bool = False,

@@ -49,7 +49,7 @@ class SweepGrid(BaseModel):
     max_windows: int | None = 16
     batch_size: int = 8
     seed: int = 0
-    topk: int = 64
+    topk: int = 1024  # dense log-probs cached per token (see evaluation.divergence)
     options: dict[str, Any] = {}
     save_models: bool = False
 
@@ -234,7 +234,7 @@ def format_matrix(matrix: dict[str, Any], key: str = "perplexity", digits: int =
         lines.append(f"{'dense':<14}" + "".join(f"{matrix['dense_perplexity'][e]:>{width}.{digits}f}" for e in evals))
     best = [min(row[j] for row in matrix[key]) if key != "top1" else max(row[j] for row in matrix[key])
             for j in range(len(evals))]
-    for name, row in zip(calib, matrix[key]):
+    for name, row in zip(calib, matrix[key], strict=True):
         cells = "".join(f"{(f'{v:.{digits}f}' + ('*' if v == best[j] else ' ')):>{width}}" for j, v in enumerate(row))
         lines.append(f"{name:<14}" + cells)
     return "\n".join(lines)
