@@ -179,7 +179,7 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="lm-eval limit: examples per hub task.")] = None,
     reference: Annotated[str | None, typer.Option(help="Dense model to compare against (with --jsd).")] = None,
     jsd: Annotated[str | None, typer.Option(help="Text SOURCE for JSD/KL/top-1 agreement to --reference.")] = None,
-    topk: Annotated[int, typer.Option(help="Dense log-probs cached per token for --jsd (>= vocab: exact).")] = 64,
+    topk: Annotated[int, typer.Option(help="Dense log-probs cached per token for --jsd (>= vocab: exact).")] = 1024,
     save_json: Annotated[Path | None, typer.Option(help="Also write the summary here (e.g. RUN_DIR/eval.json).")
                          ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,

@@ -110,7 +110,10 @@ def load_structured(folder: str | Path, *, dtype: torch.dtype = torch.float32, a
         model.tie_weights()
     model.to(dtype).eval()
     setattr(model.config, SPEC_KEY, spec)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError):  # saved without one (API users may skip it)
+        tokenizer = None
     provenance = {"spec": str(folder), "kind": "prunekit-structured", "resolved": str(path),
                   "attn_implementation": attn_implementation,
                   "parameters": sum(p.numel() for p in model.parameters())}

@@ -45,7 +45,8 @@ class StructuredConfig(MethodConfig):
     @field_validator("structure", mode="before")
     @classmethod
     def _upper_structure(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
+        known = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
+        return value.upper() if isinstance(value, str) and value.upper() in known else value
 
 
 class StructuredMethod:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 METRICS = ("IFV", "WIFV", "WIFN", "MAG")
 STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
+ADAPTIVE_HINT = ", or use an adaptive structure (AL-AM)"
 GQARule = Literal["auto", "query-heads", "kv-groups"]
 
 
@@ -140,11 +141,8 @@ def block_units(structure: LlamaStructure, index: int, stats: BlockStatistics | 
 # -- searches ---------------------------------------------------------------------------------------
 
 
-def _too_much(sparsity: float, where: str, detail: str) -> PrunekitError:
-    return PrunekitError(
-        f"sparsity {sparsity:g} would empty {where} ({detail}); lower the sparsity or min_keep, or use an "
-        "adaptive structure (AL-AM)"
-    )
+def _too_much(sparsity: float, where: str, detail: str, hint: str = "") -> PrunekitError:
+    return PrunekitError(f"sparsity {sparsity:g} would empty {where} ({detail}); lower the sparsity or min_keep{hint}")
 
 
 def global_counts(modules: list[ModuleUnits], budget: float, sparsity: float) -> list[int]:
@@ -206,7 +204,7 @@ def layerwise_counts(attn: list[ModuleUnits], mlp: list[ModuleUnits], layouts: l
         if n > a.removable:
             if strict:
                 raise _too_much(sparsity, f"the attention of layer {a.layer}",
-                                f"{n} of {a.total} head units, floor {a.keep_at_least}")
+                                f"{n} of {a.total} head units, floor {a.keep_at_least}", ADAPTIVE_HINT)
             n = a.removable
         want = (rho * layout.total_params - n * a.unit_params) / m.unit_params
         if want < 0 and n > 0:  # attention rounding overshot the layer's share: take one unit fewer
@@ -214,7 +212,7 @@ def layerwise_counts(attn: list[ModuleUnits], mlp: list[ModuleUnits], layouts: l
             want = (rho * layout.total_params - n * a.unit_params) / m.unit_params
         if want > m.removable + 0.5 and strict:
             raise _too_much(sparsity, f"the MLP of layer {m.layer}",
-                            f"{want:.0f} of {m.total} channels, floor {m.keep_at_least}")
+                            f"{want:.0f} of {m.total} channels, floor {m.keep_at_least}", ADAPTIVE_HINT)
         attn_counts.append(n)
         channel_targets.append(want)
     return attn_counts, _allocate(channel_targets, [m.removable for m in mlp])

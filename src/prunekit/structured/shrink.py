@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prunekit.structured.layout import BlockLayout, LlamaStructure
+from prunekit.structured.layout import LlamaStructure
 from prunekit.structured.search import ModuleUnits
 
 if TYPE_CHECKING:
@@ -38,11 +38,6 @@ class LayerPlan:
     total_params: int
     o_bias: torch.Tensor | None = None  # compensation added to o_proj's bias
     down_bias: torch.Tensor | None = None
-
-    def describe(self, layout: BlockLayout) -> dict[str, Any]:
-        return {"heads": f"{len(self.heads)}/{layout.heads}", "kv_heads": f"{len(self.kv_heads)}/{layout.kv_heads}",
-                "channels": f"{len(self.channels)}/{layout.channels}",
-                "sparsity": round(self.removed_params / self.total_params, 4)}
 
 
 @dataclass
@@ -107,7 +102,9 @@ def build_plan(structure: LlamaStructure, attn: list[ModuleUnits], mlp: list[Mod
 
 
 def _linear_like(old: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+    """An uninitialised linear (its values are copied in right away)."""
+    return torch.nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias, device=old.weight.device,
+                                    dtype=old.weight.dtype)
 
 
 @torch.no_grad()
