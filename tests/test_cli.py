@@ -10,26 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunekit.cli import main
-from tiny import build
-
-WORDS = ("the of and to a in that is was he for it with as his on be at by this had not are but from or have "
-         "an they which one you were her all she there would their we him been has when who will more").split()
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    rng = random.Random(0)
-    corpus = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(50)]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +29,6 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(200)) for _ in range(10)))
     return path
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, needle: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines[-1].startswith("error: "), err
-    assert needle in lines[-1], lines[-1]
-    assert "Traceback" not in err
 
 
 def test_prune_then_reload_with_stock_transformers(capsys, tiny_dir, text_file, tmp_path):

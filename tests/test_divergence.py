@@ -21,8 +21,7 @@ from prunekit.evaluation.divergence import (
     token_divergences,
 )
 from prunekit.evaluation.perplexity import perplexity
-from test_cli import WORDS, assert_one_line_error, make_tokenizer, run
-from tiny import build
+from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from prunekit.safety import data, judges, stats
 from prunekit.safety.analysis import attention_to_span, prompt_perplexities
 from prunekit.safety.generate import encode, format_message, generate, resolve_mode
 from prunekit.safety.run import SafetyConfig, resummarize, run_study, summarize_records
-from test_cli import WORDS, assert_one_line_error, make_tokenizer, run
-from tiny import build
+from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
 
 CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
         "{% if add_generation_prompt %}<s>assistant\n{% endif %}")

@@ -13,20 +13,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prunekit
-from prunekit.cli import main
 from prunekit.errors import PrunekitError
 from prunekit.methods import build_method
 from prunekit.structured import apply_plan, count_parameters, get_structure, save_outputs
 from prunekit.structured.search import logistic_ratios
-from tiny import build, random_ids
+from tiny import WORDS, build, random_ids, run
 
 STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
-WORDS = ["the", "of", "and", "to", "a", "in", "that", "is", "was", "he", "for", "it", "with", "as", "his", "on",
-         "be", "at", "by", "this", "had", "not", "are", "but", "from", "or", "have", "an", "they", "which", "one",
-         "you", "were", "her", "all", "she", "there", "would", "their", "we", "him", "been", "has", "when", "who",
-         "will", "more"]
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: on a shared 2-core machine two OpenMP threads mostly wait for each other."""
@@ -225,16 +218,6 @@ def tiny_folder(tmp_path_factory) -> tuple[Path, Path]:
     text = root / "text.txt"
     text.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(300)) for _ in range(4)))
     return root / "model", text
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_prune_structured_then_eval(capsys, tiny_folder, tmp_path):

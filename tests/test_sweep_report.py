@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from prunekit.experiments.sweep import diagonal_summary, format_matrix
-from test_cli import WORDS, assert_one_line_error, make_tokenizer, run
-from tiny import build
+from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
 
 # two "domains": different halves of the toy vocabulary
 DOMAINS = {"alpha": WORDS[: len(WORDS) // 2], "beta": WORDS[len(WORDS) // 2:]}

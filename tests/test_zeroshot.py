@@ -12,8 +12,7 @@ import yaml
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.local_tasks import CHOICE_TASK, CLOZE_TASK, build_local_tasks
 from prunekit.evaluation.zeroshot import check_task_names, parse_tasks, task_manager, zeroshot
-from test_cli import assert_one_line_error, make_tokenizer, run
-from tiny import build
+from tiny import assert_one_line_error, build, make_tokenizer, run
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
-"""Tiny random models of every supported family, built from config (no download)."""
+"""Test helpers: tiny random models of every family (built from config, no download), a tiny trained
+tokenizer, and an in-process CLI runner."""
 
 from __future__ import annotations
+
+import random
 
 import torch
 from transformers import (
@@ -61,3 +64,42 @@ FAMILIES = ("llama", "qwen2", "gemma3", "opt", "gpt2", "gpt_neox")
 def random_ids(n: int = 6, seqlen: int = 32, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seqlen), generator=generator)
+
+
+WORDS = ("the of and to a in that is was he for it with as his on be at by this had not are but from or have "
+         "an they which one you were her all she there would their we him been has when who will more").split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(50)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    from prunekit.cli import main
+
+    code = 0
+    try:
+        main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), err
+    assert needle in lines[-1], lines[-1]
+    assert "Traceback" not in err
