@@ -139,10 +139,12 @@ class SequentialEngine:
 
         stats: dict[tuple[str, ...], Statistic] = {}
         dense_outputs = None
+        is_last = index == len(self.adapter.blocks()) - 1
         if self.method.needs_calibration:
             t0 = time.perf_counter()
             call = calls[index].to(self.device)  # type: ignore[index]
-            stats, dense_outputs = self._gather(block, prefix, groups, state.activations, call)
+            keep_outputs = self.options.propagate == "dense" and not is_last
+            stats, dense_outputs = self._gather(block, prefix, groups, state.activations, call, keep_outputs)
             timings["statistics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -153,7 +155,9 @@ class SequentialEngine:
 
         if self.method.needs_calibration:
             t0 = time.perf_counter()
-            if self.options.propagate == "dense":
+            if is_last:  # nothing reads the last block's outputs
+                state.activations = None
+            elif self.options.propagate == "dense":
                 state.activations = dense_outputs
             else:
                 call = calls[index].to(self.device)  # type: ignore[index]
@@ -164,16 +168,16 @@ class SequentialEngine:
             self.result.add_time(phase, seconds)
         return timings
 
-    def _gather(self, block: nn.Module, prefix: str, groups, activations: torch.Tensor, call: BlockCall):
+    def _gather(self, block: nn.Module, prefix: str, groups, activations: torch.Tensor, call: BlockCall,
+                keep_outputs: bool):
         """One batched pass of the unpruned block with hooks feeding the statistics.
 
-        With pruned propagation the block's outputs are not needed, so the pass stops at the input
-        of the last group (skipping e.g. the down projection); with dense propagation it runs to the
-        end and returns the outputs.
+        Unless the outputs are kept (dense propagation), the pass stops at the input of the last group
+        (skipping e.g. the down projection).
         """
         stats: dict[tuple[str, ...], Statistic] = {}
         handles = []
-        stop_early = self.options.propagate == "pruned"
+        stop_early = not keep_outputs
         wanted = [(g, mods) for g, mods in groups
                   if any(self.plan.target_for(f"{prefix}.{name}") is not None for name in mods)]
         for position, (group, modules) in enumerate(wanted):
