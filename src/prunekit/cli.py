@@ -213,7 +213,7 @@ def evaluate(
 def demo(
     model: Annotated[str, typer.Argument(help="Model to prune.")] = DEFAULT_MODEL,
     sparsity: Annotated[float, typer.Option(help="Wanda sparsity.")] = 0.5,
-    nsamples: Annotated[int, typer.Option(help="Calibration windows sampled from the model itself.")] = 32,
+    nsamples: Annotated[int, typer.Option(help="Calibration windows sampled from the model itself.")] = 16,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration and evaluation window.")] = 512,
 ) -> None:
     """The main job offline: prune the default model with Wanda and print perplexity before and after.
