@@ -31,7 +31,8 @@ CONFIGS = {
 }
 
 
-def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows: int | None) -> dict:
+def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows: int | None,
+            save_dir: Path | None = None) -> dict:
     """Runs in its own process (see main) so peak RSS belongs to this configuration alone."""
     import resource
 
@@ -65,6 +66,11 @@ def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows:
         row.update(prune_s=report.seconds, ratio_to_dense_forward=report.seconds / row["dense_forward_s"],
                    prune_cpu_s=prune_cpu, cpu_ratio_to_dense_forward=prune_cpu / row["dense_forward_cpu_s"],
                    achieved_sparsity=report.overall_sparsity, timings_s=report.engine.timings)
+        if save_dir is not None:  # reused by benchmarks/evaluation.py
+            from prunekit.export import save_model
+
+            save_model(model, tokenizer, save_dir / name.replace(":", "-").replace("%", ""),
+                       {"prunekit": report.to_dict(), "benchmark": "classic", "config": name}, overwrite=True)
     t0 = time.perf_counter()
     result = perplexity(model, tokenizer, str(SOTU / "test.txt"), seqlen=seqlen, batch_size=batch_size,
                         max_windows=max_windows)
@@ -117,10 +123,12 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--markdown", action="store_true", help="print the stored results as a Markdown table")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--save-models", type=Path, default=None,
+                        help="also save each pruned model under this folder (benchmarks/evaluation.py reuses them)")
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_one(args.child, args.nsamples, args.seqlen, args.batch_size,
-                                             args.max_windows)))
+                                             args.max_windows, args.save_models)))
         return
     if args.markdown:
         print(markdown_table(json.loads(args.out.read_text())["rows"]))
@@ -134,6 +142,8 @@ def main() -> None:
                str(args.seqlen), "--batch-size", str(args.batch_size)]
         if args.max_windows:
             cmd += ["--max-windows", str(args.max_windows)]
+        if args.save_models:
+            cmd += ["--save-models", str(args.save_models)]
         print(f"== {name}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
