@@ -21,6 +21,7 @@ benchmarks/results/safety_runs/ (responses.jsonl holds the prompts and answers; 
 
     python benchmarks/safety.py                                  # the full study (GPU recommended)
     python benchmarks/safety.py --max-new-tokens-study --limit 20
+    python benchmarks/safety.py --markdown benchmarks/results/safety_qwen.json benchmarks/results/safety_smollm2.json
     python benchmarks/safety.py --models smollm2-135m --limit 2 --max-new-tokens 8 --sparsities 0.1 \\
         --nsamples 2 --seqlen 64 --ppl-windows 2                # a smoke run on CPU
 """
@@ -173,9 +174,15 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--max-new-tokens-study", action="store_true",
                         help="only the 32/64/256-token verdict comparison, on --limit tasks (default 20)")
+    parser.add_argument("--markdown", type=Path, nargs="*", default=None,
+                        help="print one table from stored result JSONs (e.g. one per model) and exit")
     parser.add_argument("--runs", type=Path, default=RESULTS / "safety_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "safety.json")
     args = parser.parse_args()
+    if args.markdown is not None:
+        stored = [json.loads(path.read_text()) for path in args.markdown or [args.out]]
+        print(markdown([row for result in stored for row in result["rows"]], stored[0]["args"]["templates"]))
+        return
     if not SAFETY.exists():
         raise SystemExit(f"missing {SAFETY}: the benchmark needs ../shared/data")
     if args.templates == ["all"]:

