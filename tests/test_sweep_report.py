@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from prunekit.experiments.sweep import diagonal_summary, format_matrix
-from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
+from tiny import WORDS, assert_one_line_error, run, save_tiny_llama
 
 # two "domains": different halves of the toy vocabulary
 DOMAINS = {"alpha": WORDS[: len(WORDS) // 2], "beta": WORDS[len(WORDS) // 2:]}
@@ -20,11 +20,7 @@ DOMAINS = {"alpha": WORDS[: len(WORDS) // 2], "beta": WORDS[len(WORDS) // 2:]}
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tokenizer = make_tokenizer()
-    build("llama", vocab=len(tokenizer), max_positions=1024).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

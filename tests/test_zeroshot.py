@@ -12,17 +12,13 @@ import yaml
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.local_tasks import CHOICE_TASK, CLOZE_TASK, build_local_tasks
 from prunekit.evaluation.zeroshot import check_task_names, parse_tasks, task_manager, zeroshot
-from tiny import assert_one_line_error, build, make_tokenizer, run
+from tiny import assert_one_line_error, run, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random llama with a long enough context for whole sentences in its toy tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tokenizer = make_tokenizer()
-    build("llama", vocab=len(tokenizer), max_positions=1024).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

@@ -103,3 +103,11 @@ def assert_one_line_error(code: int, err: str, needle: str) -> None:
     assert lines[-1].startswith("error: "), err
     assert needle in lines[-1], lines[-1]
     assert "Traceback" not in err
+
+
+def save_tiny_llama(folder):
+    """A tiny random llama and its toy tokenizer saved as an HF folder (context long enough for sentences)."""
+    tokenizer = make_tokenizer()
+    build("llama", vocab=len(tokenizer), max_positions=1024).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
