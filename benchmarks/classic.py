@@ -31,6 +31,11 @@ CONFIGS = {
 }
 
 
+def saved_model_name(config: str) -> str:
+    """Folder name of a saved pruned model (benchmarks/evaluation.py finds them by it)."""
+    return config.replace(":", "-").replace("%", "")
+
+
 def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows: int | None,
             save_dir: Path | None = None) -> dict:
     """Runs in its own process (see main) so peak RSS belongs to this configuration alone."""
@@ -69,7 +74,7 @@ def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows:
         if save_dir is not None:  # reused by benchmarks/evaluation.py
             from prunekit.export import save_model
 
-            save_model(model, tokenizer, save_dir / name.replace(":", "-").replace("%", ""),
+            save_model(model, tokenizer, save_dir / saved_model_name(name),
                        {"prunekit": report.to_dict(), "benchmark": "classic", "config": name}, overwrite=True)
     t0 = time.perf_counter()
     result = perplexity(model, tokenizer, str(SOTU / "test.txt"), seqlen=seqlen, batch_size=batch_size,

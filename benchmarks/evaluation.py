@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from classic import saved_model_name  # same folder: the names classic.py saves under
+
 ROOT = Path(__file__).resolve().parents[1]
 SOTU = ROOT.parent / "shared" / "data" / "corpora" / "sotu"
 RESULTS = ROOT / "benchmarks" / "results" / "evaluation.json"
@@ -42,7 +44,7 @@ CALIBRATION = {"nsamples": 128, "seqlen": 512, "seed": 0}
 
 
 def model_folder(name: str) -> Path:
-    return MODELS / name.replace(":", "-").replace("%", "")
+    return MODELS / saved_model_name(name)
 
 
 def pruned_model(name: str, dense_loaded, batch_size: int):
