@@ -12,14 +12,18 @@ Protocol (stated in the JSON):
     other jobs running, 2 OpenMP threads spend their time waiting for each other - a 512-token prefill took
     8.5 s with 2 threads and 1.1 s with 1, so 2 threads measure the scheduler, not the model. Prefill = one
     forward of 1 x 512 tokens building the KV cache, logits of the last position only (what generate() does);
-    decode = greedy generate() of 128 new tokens after a 32-token prompt. Dense and pruned are measured
-    interleaved in the same process (median of `--repeats`), because the machine is shared and absolute
+    decode = 128 greedy tokens after a 32-token prompt, in two runtimes (prunekit.evaluation.speed): eager
+    (transformers' generate(), dynamic cache) and compiled (static KV cache, one-token forward compiled by
+    torch.compile/inductor, plain greedy loop; its tokens are checked equal to eager's). The compiled runtime
+    strips the per-operator Python cost every model pays alike, so it shows what a served model gains.
+    Dense and pruned are measured interleaved in the same process (median of `--repeats`), because absolute
     numbers drift; ratios are what to read.
   * SEAP (`--seap`): three Brown genres as tasks (first 80 % of each file = task prompts, last 20 % = its
     evaluation text); one model per task and the general one at 30 %; each evaluated on every genre.
 
     python benchmarks/structured.py                        # everything, then the table
     python benchmarks/structured.py --only flap-0.5        # one configuration (dense numbers are reused)
+    python benchmarks/structured.py --decode-study         # only dense vs the three 50 % models, speed
     python benchmarks/structured.py --table                # print the table from the JSON
 """
 
@@ -28,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -118,44 +121,28 @@ def file_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-@torch.inference_mode()
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - t0
+def timings(models: dict[str, Any], tokenizer, args) -> dict[str, dict[str, Any]]:
+    """Interleaved prefill and decode timings (prunekit.evaluation.speed), the first model as baseline."""
+    from prunekit.evaluation.speed import measure_speed
 
-
-@torch.inference_mode()
-def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    t0 = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    elapsed = time.perf_counter() - t0
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return elapsed
-
-
-@torch.inference_mode()
-def decode_loop_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
-    """Greedy decoding as a plain loop over the KV cache: the model's own cost without generate()'s bookkeeping
-    (logits processors, stopping criteria, cache-position and attention-mask updates), which is the same for
-    every model and so caps the measured speed-up."""
-    t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    produced = [token]
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        produced.append(token)
-    elapsed = time.perf_counter() - t0
-    assert len(produced) == new_tokens
-    return elapsed
+    report = measure_speed(models, speed_ids(tokenizer), new_tokens=args.decode_tokens, repeats=args.repeats,
+                           runtimes=tuple(args.runtimes.split(",")), log=log)
+    rows = {}
+    for name, row in report.models.items():
+        rows[name] = {"prefill_tok_s": row.prefill_tok_s, "prefill_speedup": row.prefill_speedup,
+                      "compiled_same_tokens": row.same_tokens_as_eager}
+        for runtime, suffix in (("eager", ""), ("compiled", "_compiled")):
+            if runtime in row.decode_tok_s:
+                rows[name][f"decode{suffix}_tok_s"] = row.decode_tok_s[runtime]
+                rows[name][f"decode{suffix}_speedup"] = row.decode_speedup[runtime]
+    return rows
 
 
 def decode_study(loaded, stats, args) -> dict[str, Any]:
-    """Decode speed at 50 %: generate() and a plain KV-cache loop, dense and each method, interleaved."""
+    """Speed at 50 %: dense and each method's 50 % model timed interleaved, eager and compiled decode."""
+    from prunekit.evaluation.speed import measure_speed
     from prunekit.methods import build_method
-    from prunekit.structured import apply_plan, count_parameters, get_structure
+    from prunekit.structured import apply_plan, get_structure
 
     models = {"dense": loaded.model}
     for method_name in METHODS:
@@ -163,42 +150,9 @@ def decode_study(loaded, stats, args) -> dict[str, Any]:
         structure = get_structure(model)
         apply_plan(model, structure, build_method(method_name, METHODS[method_name]).plan(structure, stats, 0.5))
         models[f"{method_name}-0.5"] = model
-    prompt = speed_ids(loaded.tokenizer)[:, :32]
-    for model in models.values():  # warm-up
-        decode_seconds(model, prompt, 4)
-        decode_loop_seconds(model, prompt, 4)
-    times: dict[str, dict[str, list[float]]] = {n: {"generate": [], "loop": []} for n in models}
-    for repeat in range(args.repeats):
-        for name, model in models.items():
-            times[name]["generate"].append(decode_seconds(model, prompt, args.decode_tokens))
-            times[name]["loop"].append(decode_loop_seconds(model, prompt, args.decode_tokens))
-        log(f"decode study: repeat {repeat + 1}/{args.repeats} done")
-    rows = {}
-    for name, t in times.items():
-        rows[name] = {"parameters": count_parameters(models[name]),
-                      **{f"{k}_tok_s": args.decode_tokens / statistics.median(v) for k, v in t.items()},
-                      "seconds": t}
-    for row in rows.values():
-        for k in ("generate", "loop"):
-            row[f"{k}_speedup"] = row[f"{k}_tok_s"] / rows["dense"][f"{k}_tok_s"]
-    return {"threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens, "prompt_tokens": 32,
-            "repeats": args.repeats, "models": rows}
-
-
-def speed(models: dict[str, Any], ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Interleaved timings, median over repeats: {name: {prefill_tok_s, decode_tok_s}}."""
-    prompt = ids[:, :32]
-    for model in models.values():  # warm-up
-        prefill_seconds(model, ids[:, :64])
-        decode_seconds(model, prompt, 4)
-    times: dict[str, dict[str, list[float]]] = {n: {"prefill": [], "decode": []} for n in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            times[name]["prefill"].append(prefill_seconds(model, ids))
-        for name, model in models.items():
-            times[name]["decode"].append(decode_seconds(model, prompt, new_tokens))
-    return {name: {"prefill_tok_s": ids.shape[1] / statistics.median(t["prefill"]),
-                   "decode_tok_s": new_tokens / statistics.median(t["decode"])} for name, t in times.items()}
+    report = measure_speed(models, speed_ids(loaded.tokenizer), new_tokens=args.decode_tokens,
+                           repeats=args.repeats, runtimes=tuple(args.runtimes.split(",")), log=log)
+    return report.to_dict()
 
 
 def ppl(model, tokenizer, source: str, windows: int | None) -> float:
@@ -236,8 +190,7 @@ def run_config(name: str, loaded, stats, args, results: dict) -> dict:
     del model
     log(f"{name}: achieved {plan.achieved:.4f}, evaluating ...")
     perplexity = ppl(reloaded.model, reloaded.tokenizer, str(SOTU / "test.txt"), args.eval_windows)
-    ids = speed_ids(loaded.tokenizer)
-    timing = speed({"dense": loaded.model, name: reloaded.model}, ids, args.decode_tokens, args.repeats)
+    timing = timings({"dense": loaded.model, name: reloaded.model}, loaded.tokenizer, args)
     row = {
         "method": method_name, "target": sparsity, "achieved": plan.achieved, "options": METHODS[method_name],
         "perplexity": perplexity, "parameters": count_parameters(reloaded.model), "file_bytes": size,
@@ -245,10 +198,9 @@ def run_config(name: str, loaded, stats, args, results: dict) -> dict:
         "layers": [{"heads": len(layer.heads), "channels": len(layer.channels)} for layer in plan.layers],
         **timing[name],
         "dense_in_same_run": timing["dense"],
-        "prefill_speedup": timing[name]["prefill_tok_s"] / timing["dense"]["prefill_tok_s"],
-        "decode_speedup": timing[name]["decode_tok_s"] / timing["dense"]["decode_tok_s"],
     }
-    log(f"{name}: ppl {perplexity:.3f}, prefill x{row['prefill_speedup']:.2f}, decode x{row['decode_speedup']:.2f}")
+    log(f"{name}: ppl {perplexity:.3f}, prefill x{row['prefill_speedup']:.2f}, decode x{row['decode_speedup']:.2f} "
+        f"(compiled x{row.get('decode_compiled_speedup', float('nan')):.2f})")
     return row
 
 
@@ -266,7 +218,7 @@ def run_dense(loaded, args) -> dict:
         size = file_size(folder)
     log("dense: evaluating ...")
     perplexity = ppl(loaded.model, loaded.tokenizer, str(SOTU / "test.txt"), args.eval_windows)
-    timing = speed({"dense": loaded.model}, speed_ids(loaded.tokenizer), args.decode_tokens, args.repeats)
+    timing = timings({"dense": loaded.model}, loaded.tokenizer, args)
     return {"perplexity": perplexity, "parameters": count_parameters(loaded.model), "file_bytes": size,
             **timing["dense"]}
 
@@ -313,19 +265,25 @@ def run_seap(loaded, args) -> dict:
 def table(results: dict) -> str:
     dense = results.get("dense")
     lines = ["| model | target | achieved | perplexity | parameters | file MB | prefill tok/s | decode tok/s "
-             "| prefill × | decode × |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "(eager / compiled) | prefill × | decode × (eager / compiled) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def decode(row: dict, key: str, digits: int) -> str:
+        compiled = row.get(f"decode_compiled_{key}")
+        return f"{row[f'decode_{key}']:.{digits}f} / " + ("–" if compiled is None else f"{compiled:.{digits}f}")
+
     if dense:
         lines.append(f"| dense | 0 | 0 | {dense['perplexity']:.2f} | {dense['parameters'] / 1e6:.1f} M "
                      f"| {dense['file_bytes'] / 2**20:.0f} | {dense['prefill_tok_s']:.0f} "
-                     f"| {dense['decode_tok_s']:.1f} | 1.00 | 1.00 |")
+                     f"| {decode(dense, 'tok_s', 1)} | 1.00 | 1.00 |")
     for name in CONFIGS:
         row = results.get("configs", {}).get(name)
         if row is None:
             continue
         lines.append(f"| {name} | {row['target']:.2f} | {row['achieved']:.4f} | {row['perplexity']:.2f} "
                      f"| {row['parameters'] / 1e6:.1f} M | {row['file_bytes'] / 2**20:.0f} "
-                     f"| {row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} | {row['prefill_speedup']:.2f} "
-                     f"| {row['decode_speedup']:.2f} |")
+                     f"| {row['prefill_tok_s']:.0f} | {decode(row, 'tok_s', 1)} | {row['prefill_speedup']:.2f} "
+                     f"| {decode(row, 'speedup', 2)} |")
     seap = results.get("seap")
     if seap:
         genres = seap["tasks"]
@@ -347,12 +305,14 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (2 on an idle 2-core machine)")
+    parser.add_argument("--runtimes", default="eager,compiled",
+                        help="decode runtimes: eager (generate()), compiled (static cache + torch.compile)")
     parser.add_argument("--seap", action="store_true", help="also run the SEAP demonstration")
     parser.add_argument("--seap-sparsity", type=float, default=0.3)
     parser.add_argument("--seap-nsamples", type=int, default=128)
     parser.add_argument("--seap-eval-windows", type=int, default=24)
     parser.add_argument("--decode-study", action="store_true",
-                        help="only the 50 %% decode comparison (generate() vs a plain KV-cache loop)")
+                        help="only the 50 %% speed comparison, all methods against dense, both runtimes")
     parser.add_argument("--stats-only", action="store_true", help="only compute (and cache) the statistics")
     parser.add_argument("--table", action="store_true", help="print the table from the JSON and exit")
     args = parser.parse_args()
@@ -375,15 +335,17 @@ def main() -> None:
         out = RESULTS.with_name(f"structured_decode_t{args.threads}.json")
         out.write_text(json.dumps(study, indent=2) + "\n")
         for name, row in study["models"].items():
-            print(f"{name}: {row['parameters'] / 1e6:.1f} M params; generate() {row['generate_tok_s']:.1f} tok/s "
-                  f"(x{row['generate_speedup']:.2f}); plain loop {row['loop_tok_s']:.1f} tok/s "
-                  f"(x{row['loop_speedup']:.2f})")
+            print(f"{name}: {row['parameters'] / 1e6:.1f} M params; prefill {row['prefill_tok_s']:.0f} tok/s "
+                  f"(x{row['prefill_speedup']:.2f}); decode " + ", ".join(
+                      f"{r} {row['decode_tok_s'][r]:.1f} tok/s (x{row['decode_speedup'][r]:.2f})"
+                      for r in row["decode_tok_s"]))
         print(f"wrote {out}")
         return
     results["protocol"] = {
         "model": loaded.provenance.get("spec"), "calibration": meta, "evaluation": str(SOTU / "test.txt"),
         "eval_windows": args.eval_windows or "all", "seqlen": 512, "threads": torch.get_num_threads(),
-        "dtype": "float32", "decode_tokens": args.decode_tokens, "repeats": args.repeats, "versions": versions(),
+        "dtype": "float32", "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+        "runtimes": args.runtimes.split(","), "versions": versions(),
     }
     for name in wanted:
         if name == "dense":

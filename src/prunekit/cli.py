@@ -1,4 +1,4 @@
-"""Command line: `prunekit prune`, `prunekit eval`, `prunekit demo`, `prunekit sweep`, `prunekit report`.
+"""Command line: `prunekit prune`, `eval`, `speed`, `demo`, `sweep`, `report` and `safety`.
 
 Every user error ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -237,6 +237,67 @@ def demo(
         after = _ppl(loaded, source, seqlen)
     _print_table(model, "wanda", sparsity, "unstructured", before, after, report.overall_sparsity)
     out.print(f"prune time {report.seconds:.1f}s; peak RSS {report.memory['peak_rss_mib']:.0f} MiB")
+
+
+@app.command()
+def speed(
+    models: Annotated[list[str], typer.Argument(
+        help="Models to time, baseline first: e.g. the dense model, then prunekit output folders.")],
+    text: Annotated[str | None, typer.Option(
+        help="Text SOURCE for the prompts (.txt, folder, .jsonl[:field], dataset); default: the embedded "
+             "State of the Union text.")] = None,
+    prefill_tokens: Annotated[int, typer.Option(help="Tokens of the timed prefill (batch 1).")] = 512,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens before greedy decoding.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens decoded per timing.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Timings per model; the median is kept.")] = 3,
+    runtime: Annotated[str, typer.Option(
+        help="Comma-separated decode runtimes: eager (generate()), compiled (static cache + torch.compile).")
+                       ] = "eager,compiled",
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+    save_json: Annotated[Path | None, typer.Option(help="Also write the report here.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
+) -> None:
+    """Prefill and greedy-decode tokens/s of each model, and its speed-up over the first, timed interleaved."""
+    from prunekit.evaluation.speed import check_runtimes, measure_speed, speed_ids
+    from prunekit.models import load_model
+
+    runtimes = check_runtimes([r.strip() for r in runtime.split(",") if r.strip()])
+    for name, value in (("--prefill-tokens", prefill_tokens), ("--prompt-tokens", prompt_tokens),
+                        ("--new-tokens", new_tokens), ("--repeats", repeats), ("--threads", threads or 1)):
+        if value < 1:
+            raise PrunekitError(f"{name} {value} must be at least 1")
+    if prompt_tokens > prefill_tokens:
+        raise PrunekitError(f"--prompt-tokens {prompt_tokens} must not exceed --prefill-tokens {prefill_tokens}")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    loaded = {spec: load_model(spec, trust_remote_code=trust_remote_code) for spec in dict.fromkeys(models)}
+    first = next(iter(loaded.values()))
+    if text is None:
+        with resources.as_file(resources.files("prunekit.data").joinpath("embedded/sotu_2020_2021.txt")) as path:
+            ids = speed_ids(str(path), first.tokenizer, prefill_tokens)
+    else:
+        ids = speed_ids(text, first.tokenizer, prefill_tokens)
+    result = measure_speed({spec: item.model for spec, item in loaded.items()}, ids, prompt_tokens=prompt_tokens,
+                           new_tokens=new_tokens, repeats=repeats, runtimes=runtimes,
+                           log=lambda m: err.print(f"[dim]{m}[/]"))
+    table = Table(title=f"speed: {result.protocol['threads']} threads, prefill 1 x {prefill_tokens}, "
+                        f"decode {new_tokens} greedy tokens")
+    columns = ["model", "params (M)", "prefill tok/s", *[f"{r} decode tok/s" for r in runtimes]]
+    for column in columns + (["compiled = eager tokens"] if len(runtimes) == 2 else []):
+        table.add_column(column, justify="right")
+    for spec, row in result.models.items():
+        cells = [spec, f"{row.parameters / 1e6:.1f}", f"{row.prefill_tok_s:.0f} (x{row.prefill_speedup:.2f})",
+                 *[f"{row.decode_tok_s[r]:.1f} (x{row.decode_speedup[r]:.2f})" for r in runtimes]]
+        if row.same_tokens_as_eager is not None:
+            cells.append("yes" if row.same_tokens_as_eager else "no")
+        table.add_row(*cells)
+    out.print(table)
+    if save_json is not None:
+        from prunekit.experiments.evaluate import save_summary
+
+        save_summary(result.to_dict(), save_json)
 
 
 @app.command()

@@ -1,10 +1,6 @@
-"""Measurements of a (pruned) model: the pinned perplexity protocol."""
+"""Measurements of a (pruned) model: perplexity under the pinned protocol, zero-shot tasks (lm-eval),
+divergence from the dense model, and inference speed against a baseline."""
 
-from prunekit.evaluation.perplexity import PerplexityResult, perplexity
-
-__all__ = ["PerplexityResult", "perplexity"]
-
-# zero-shot (lm-eval), offline local tasks, divergence from the dense model (issue 4)
 from prunekit.evaluation.divergence import (
     DivergenceResult,
     ReferenceCache,
@@ -13,17 +9,23 @@ from prunekit.evaluation.divergence import (
     divergence,
 )
 from prunekit.evaluation.local_tasks import LocalTaskSet, build_local_tasks
+from prunekit.evaluation.perplexity import PerplexityResult, perplexity
+from prunekit.evaluation.speed import SpeedReport, measure_speed
 from prunekit.evaluation.zeroshot import PAPER_SUITE, ZeroShotResult, zeroshot
 
-__all__ += [
+__all__ = [
     "PAPER_SUITE",
     "DivergenceResult",
     "LocalTaskSet",
+    "PerplexityResult",
     "ReferenceCache",
+    "SpeedReport",
     "ZeroShotResult",
     "build_local_tasks",
     "cache_reference",
     "compare",
     "divergence",
+    "measure_speed",
+    "perplexity",
     "zeroshot",
 ]
