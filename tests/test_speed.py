@@ -14,7 +14,7 @@ import prunekit
 from prunekit.errors import PrunekitError
 from prunekit.evaluation.speed import CompiledDecoder, eager_decode, measure_speed
 from prunekit.structured import count_parameters, get_structure
-from tiny import WORDS, assert_one_line_error, build, random_ids, run, save_tiny_llama
+from tiny import FAMILIES, WORDS, assert_one_line_error, build, random_ids, run, save_tiny_llama
 
 needs_compiler = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("clang++"),
                                     reason="torch inductor on CPU needs a C++ compiler")
@@ -55,6 +55,15 @@ def test_compiled_decoder_matches_eager_greedy_tokens(dense_and_flap):
         assert compiled.shape == (1, 10)
         assert torch.equal(compiled, eager_decode(model, prompt, 10))
         assert torch.equal(decoder(prompt, 10), compiled)  # second call reuses the kernels, same answer
+
+
+@needs_compiler
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_compiled_decoder_on_every_family(family):
+    """Including Gemma 3's sliding-window layers, whose static cache counts positions in a Python int."""
+    model = build(family, max_positions=512)
+    prompt = random_ids(1, 12, seed=4)
+    assert torch.equal(CompiledDecoder(model)(prompt, 12), eager_decode(model, prompt, 12))
 
 
 def test_speedups_are_relative_to_the_first_model(dense_and_flap):

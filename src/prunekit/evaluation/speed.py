@@ -62,12 +62,19 @@ class CompiledDecoder:
     """Greedy decoding over a static KV cache with the one-token forward compiled by torch.compile.
 
     The graph is specialised to the cache length, so one decoder serves one (prompt + new tokens) length;
-    the first call compiles (tens of seconds on CPU), later calls reuse the kernels.
+    the first call compiles (tens of seconds on CPU), later calls reuse the kernels. `dynamic=None` lets
+    dynamo turn a value that changes every step (the sliding-window cache's position counter in Gemma 3)
+    into a symbol after one recompile instead of recompiling per token.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
+        import torch._dynamo
+
+        # every model of a class shares one forward code object, and dynamo caps its compiled variants (8);
+        # timing several models in one process needs one variant each
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.model = model
-        self._step: Callable[..., Any] = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        self._step: Callable[..., Any] = torch.compile(model.forward, fullgraph=True, dynamic=None)
 
     @torch.inference_mode()
     def __call__(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
