@@ -125,6 +125,7 @@ def test_cli_speed_table_and_json(capsys, folders):
 
     saved = json.loads((root / "speed.json").read_text())
     assert list(saved["models"]) == [str(root / "dense"), str(root / "half")]
+    assert saved["protocol"]["text"] == str(text) and "torch" in saved["protocol"]["versions"]
     assert saved["models"][str(root / "half")]["parameters"] < saved["models"][str(root / "dense")]["parameters"]
 
 

@@ -282,22 +282,27 @@ def speed(
     result = measure_speed({spec: item.model for spec, item in loaded.items()}, ids, prompt_tokens=prompt_tokens,
                            new_tokens=new_tokens, repeats=repeats, runtimes=runtimes,
                            log=lambda m: err.print(f"[dim]{m}[/]"))
-    table = Table(title=f"speed: {result.protocol['threads']} threads, prefill 1 x {prefill_tokens}, "
+    n_threads = result.protocol["threads"]
+    table = Table(title=f"speed: {n_threads} thread{'s' if n_threads != 1 else ''}, prefill 1 x {prefill_tokens}, "
                         f"decode {new_tokens} greedy tokens")
     columns = ["model", "params (M)", "prefill tok/s", *[f"{r} decode tok/s" for r in runtimes]]
-    for column in columns + (["compiled = eager tokens"] if len(runtimes) == 2 else []):
+    for column in columns + (["same tokens"] if len(runtimes) == 2 else []):
         table.add_column(column, justify="right")
     for spec, row in result.models.items():
-        cells = [spec, f"{row.parameters / 1e6:.1f}", f"{row.prefill_tok_s:.0f} (x{row.prefill_speedup:.2f})",
+        label = Path(spec).name if Path(spec).exists() else spec
+        cells = [label, f"{row.parameters / 1e6:.1f}", f"{row.prefill_tok_s:.0f} (x{row.prefill_speedup:.2f})",
                  *[f"{row.decode_tok_s[r]:.1f} (x{row.decode_speedup[r]:.2f})" for r in runtimes]]
         if row.same_tokens_as_eager is not None:
             cells.append("yes" if row.same_tokens_as_eager else "no")
         table.add_row(*cells)
     out.print(table)
     if save_json is not None:
+        from prunekit.api import versions
         from prunekit.experiments.evaluate import save_summary
 
-        save_summary(result.to_dict(), save_json)
+        summary = result.to_dict()
+        summary["protocol"].update(text=text or "embedded sotu_2020_2021.txt", versions=versions())
+        save_summary(summary, save_json)
 
 
 @app.command()

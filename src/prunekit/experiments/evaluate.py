@@ -95,5 +95,7 @@ def save_summary(summary: dict[str, Any], path: str | Path) -> Path:
     """Write the summary where `prunekit report` finds it (e.g. RUN_DIR/eval.json)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    staged = out.with_name(f".{out.name}.tmp")
+    staged.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    staged.replace(out)  # never a half-written file under the final name
     return out
