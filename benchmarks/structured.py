@@ -8,9 +8,9 @@ Protocol (stated in the JSON):
   * every pruned model is saved, reloaded with prunekit.load (its logits checked against the in-memory model)
     and evaluated from the reloaded copy: perplexity on sotu/test.txt in non-overlapping 512-token windows
     (pinned protocol, no BOS; `--eval-windows N` keeps the first N windows), parameters, safetensors size;
-  * speed on this CPU, fp32, torch.set_num_threads(--threads), default 1: on this shared 2-core machine, with
-    other jobs running, 2 OpenMP threads spend their time waiting for each other - a 512-token prefill took
-    8.5 s with 2 threads and 1.1 s with 1, so 2 threads measure the scheduler, not the model. Prefill = one
+  * speed on this CPU, fp32, torch.set_num_threads(--threads), default 1: when other jobs share the 2 cores,
+    2 OpenMP threads spend their time waiting for each other (a 512-token prefill took 8.5 s with 2 threads and
+    1.1 s with 1); on an idle machine `--threads 2` is faster and is reported as well. Prefill = one
     forward of 1 x 512 tokens building the KV cache, logits of the last position only (what generate() does);
     decode = 128 greedy tokens after a 32-token prompt, in two runtimes (prunekit.evaluation.speed): eager
     (transformers' generate(), dynamic cache) and compiled (static KV cache, one-token forward compiled by
