@@ -20,12 +20,7 @@ needs_compiler = pytest.mark.skipif(not shutil.which("g++") and not shutil.which
                                     reason="torch inductor on CPU needs a C++ compiler")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

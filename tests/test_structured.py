@@ -20,13 +20,7 @@ from prunekit.structured.search import logistic_ratios
 from tiny import WORDS, build, random_ids, run
 
 STRUCTURES = ("UL-UM", "UL-MM", "AL-MM", "AL-AM")
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def deep_llama(layers: int = 6, heads: int = 6, kv: int = 2) -> torch.nn.Module:
