@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Start a long job (a resumable safety run, model training) at the lowest priority, in its own process
+# group, registered so that benchmarks/quiet.sh can pause it while a timed benchmark runs.
+#   benchmarks/background.sh NAME LOGFILE command args...
+set -euo pipefail
+name="$1"; log="$2"; shift 2
+REG="${PRUNEKIT_BACKGROUND_DIR:-/tmp/prunekit-background}"
+mkdir -p "$REG"
+setsid nice -n 19 "$@" >"$log" 2>&1 < /dev/null &
+pid=$!
+echo "$pid" > "$REG/$name.pgid"
+echo "started $name (pgid $pid), log $log"
