@@ -118,22 +118,42 @@ def test_engine_block_calls_reproduce_the_model(family):
     ids = random_ids(n=3, seqlen=24)  # longer than gemma3's sliding window of 8
     with torch.no_grad():
         expected = model(ids, output_hidden_states=True).hidden_states
-    from prunekit.engine import EngineOptions, SequentialEngine
-    from prunekit.methods import build_method
-    from prunekit.pruning import SparsityPlan
+    from prunekit.engine import Engine, EngineOptions, InMemoryBlocks
+    from prunekit.engine.passes import Passes
 
-    engine = SequentialEngine(model, get_adapter(model), build_method("wanda"), SparsityPlan.build(0.0),
-                              EngineOptions(batch_size=2, progress=False))
-    captured = {}
-    engine.on_block_done = lambda state: captured.__setitem__(
-        state.next_block, None if state.activations is None else state.activations.clone())
-    engine.run(ids)
-    n_blocks = len(get_adapter(model).blocks())
-    assert captured[n_blocks] is None  # the last block's outputs are never computed: nothing reads them
+    class Recording:
+        """A pass that only propagates, keeping each block's outputs."""
+
+        kind, needs_data, writes_blocks, calibration, output = "recording", True, False, None, None
+
+        def __init__(self):
+            self.outputs = {}
+
+        def process(self, ctx):
+            if not ctx.is_last:  # the engine gives no activations a use after the last block
+                ctx.propagate()
+                self.outputs[ctx.index + 1] = ctx.activations.read(0, ids.shape[0]).clone()
+            return {}
+
+        def state(self):
+            return {}
+
+        def load_state(self, state):
+            pass
+
+        def finish(self):
+            pass
+
+    recording = Recording()
+    adapter = get_adapter(model)
+    Engine(InMemoryBlocks(model, adapter, torch.device("cpu")),
+           options=EngineOptions(batch_size=2, progress=False)).run(Passes(recording), ids)
+    n_blocks = len(adapter.blocks())
     # hidden_states[i] is the input of block i; the last entry has the final norm applied (except OPT/GPT-2
     # style models expose it after the norm as well), so compare every block output except the last.
+    assert sorted(recording.outputs) == list(range(1, n_blocks))
     for index in range(1, n_blocks):
-        torch.testing.assert_close(captured[index], expected[index], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(recording.outputs[index], expected[index], rtol=1e-4, atol=1e-4)
 
 
 def test_wanda_variant_meets_target():

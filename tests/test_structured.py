@@ -327,8 +327,11 @@ def test_real_bias_compensation_reduces_output_error(smollm2_loaded, smollm2_sta
         dense(held_out.input_ids)
     for hook in hooks:
         hook.remove()
+    from prunekit.structured.shrink import compensation
+
     for i in layers:
         layer = plan.layers[i]
+        layer.o_bias, layer.down_bias = compensation(get_structure(dense), blocks[i], layer)
         head_dim = 64
         kept_cols = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in layer.heads])
         for key, weight, kept, bias in ((f"o{i}", blocks[i].self_attn.o_proj.weight, kept_cols, layer.o_bias),

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.engine import EngineOptions, EngineResult, SequentialEngine
+from prunekit.engine import Engine, EngineOptions, EngineResult, InMemoryBlocks
+from prunekit.errors import PrunekitError
 from prunekit.methods import build_method
 from prunekit.pruning import SparsityPlan
 
@@ -81,6 +82,32 @@ def prepare_calibration(calibration, tokenizer, model, *, nsamples: int, seqlen:
     return calib.input_ids, {**calib.provenance, "seqlen_choice": note}
 
 
+def check_run_options(batch_size: int, device: str) -> None:
+    """Cheap checks of the engine options, before any model or data is touched."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrunekitError(f"batch size {batch_size!r} is invalid; accepted: an integer >= 1")
+    check_device(device)
+
+
+def check_device(device: str) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` (when CUDA is there) or `auto` (CUDA if available, else CPU)."""
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise PrunekitError(f"device {device!r} is not understood; accepted: cpu, cuda, cuda:N or auto")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise PrunekitError(f"device {device!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device "
+                            "here; accepted: cpu (or auto)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise PrunekitError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
+    return parsed
+
+
 def prune(
     model: nn.Module,
     *,
@@ -100,14 +127,19 @@ def prune(
     device: str = "cpu",
     prune_head: bool = False,
     progress: bool = True,
+    activations_dtype: torch.dtype | None = None,
 ) -> PruneReport:
-    """Prune `model` in place and return the report.
+    """Prune an in-memory `model` in place and return the report.
 
     `calibration` is a source string (see `prunekit.data`), a `CalibrationSet`, a LongTensor of
     token ids [nsamples, seqlen], or None for the offline default `self` (text sampled from the
-    model). The LM head and embeddings are never pruned unless `prune_head=True`.
+    model). The LM head and embeddings are never pruned unless `prune_head=True`. A model on disk
+    larger than memory is pruned with `prunekit.streaming.prune_files` (what the CLI does for folders
+    and GGUF files): the same engine and methods, one block in memory at a time.
     """
     started = time.perf_counter()
+    check_run_options(batch_size, device)
+    device = str(check_device(device))
     pruner = build_method(method, method_options)
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
@@ -116,20 +148,21 @@ def prune(
                                 tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                 overrides=overrides, skip=skip, batch_size=batch_size, device=device,
                                 progress=progress)
-    plan = SparsityPlan.build(sparsity, pattern, overrides, skip)
-    if not prune_head:
-        plan.skip.append("lm_head")
     adapter = get_adapter(model)
-    options = EngineOptions(propagate=propagate, batch_size=batch_size, device=device, prune_head=prune_head,
-                            progress=progress)
-    ids, provenance = None, None
+    plan = build_plan(sparsity, pattern, overrides, skip, prune_head=prune_head, method=pruner, model=model)
+    check_widths(adapter, plan)
+    ids, provenance, calib_seconds = None, None, 0.0
     if pruner.needs_calibration:
         t0 = time.perf_counter()
         ids, provenance = prepare_calibration(calibration, tokenizer, model, nsamples=nsamples, seqlen=seqlen,
                                               seed=seed)
         calib_seconds = time.perf_counter() - t0
-    engine = SequentialEngine(model, adapter, pruner, plan, options)
-    result = engine.run(ids)
+    options = EngineOptions(batch_size=batch_size, device=device, progress=progress,
+                            activations_dtype=activations_dtype)
+    engine = Engine(InMemoryBlocks(model, adapter, torch.device(device)), options=options)
+    result = engine.run(pruner.program(plan, adapter, propagate=propagate), ids)
+    if prune_head:
+        result.layers.extend(prune_head_layers(adapter, plan, pruner))
     if ids is not None:
         result.add_time("calibration_data", calib_seconds)
     return PruneReport(
@@ -142,3 +175,48 @@ def prune(
         seconds=time.perf_counter() - started,
         memory=peak_memory(),
     )
+
+
+def build_plan(sparsity, pattern, overrides, skip, *, prune_head: bool, method, model) -> SparsityPlan:
+    """The sparsity plan; the LM head is skipped unless asked for, and asked for only where that is safe."""
+    plan = SparsityPlan.build(sparsity, pattern, overrides, skip)
+    if not prune_head:
+        plan.skip.append("lm_head")
+        return plan
+    if method.needs_calibration:
+        raise PrunekitError(f"--prune-head works with data-free methods only (magnitude), not {method.name}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        raise PrunekitError("--prune-head: this model ties its LM head to the input embeddings, so pruning the head "
+                            "would prune the embeddings too; untie them first or leave the head dense")
+    return plan
+
+
+def check_widths(adapter, plan: SparsityPlan) -> None:
+    """Fail before any work if an N:M pattern does not fit some layer (shapes only: works on a skeleton)."""
+    from prunekit.adapters import weight_matrix
+
+    for index, block in enumerate(adapter.blocks()):
+        prefix = adapter.block_prefix(index)
+        for _group, modules in adapter.block_linears(block):
+            for name, module in modules.items():
+                target = plan.target_for(f"{prefix}.{name}")
+                if target is not None:
+                    target.check_width(weight_matrix(module).shape[1], f"{prefix}.{name}")
+
+
+def prune_head_layers(adapter, plan: SparsityPlan, method) -> list:
+    """Prune the LM head in memory with a data-free method; returns its layer records."""
+    from prunekit.adapters import set_weight_matrix, weight_matrix
+    from prunekit.engine import LayerRecord
+
+    records = []
+    for name, module in adapter.head_linears().items():
+        target = plan.target_for(name)
+        if target is None:
+            continue
+        result = method.prune_layer(weight_matrix(module).float(), None, target)
+        set_weight_matrix(module, result.weight)
+        pruned = int(result.mask.sum())
+        records.append(LayerRecord(name, tuple(result.mask.shape), target.pattern, target.sparsity,
+                                   pruned / result.mask.numel(), pruned, result.mask.numel()))
+    return records

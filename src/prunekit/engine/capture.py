@@ -5,6 +5,8 @@ position embeddings, attention masks per layer type, position ids). We run it on
 dummy input with each block swapped for a `_Recorder` that stores its call and passes the hidden
 states through, so every block later gets exactly the arguments the model would give it. Those
 arguments broadcast over the batch. The same swap captures block 0's inputs for calibration data.
+Only the stem (embeddings, rotary tables) runs: the forward stops at the last recorder, so the
+blocks themselves, the final norm and the head need no weights (a streamed skeleton works).
 """
 
 from __future__ import annotations
@@ -70,19 +72,14 @@ class _Recorder(nn.Module):
 
 
 @contextmanager
-def recording_blocks(model: nn.Module, blocks: nn.ModuleList, sink, stop_at: int | None,
-                     device: torch.device | str) -> Iterator[None]:
-    """Swap every block for a recorder; meanwhile the rest of the model (embeddings, rotary tables,
-    norm, head: small next to the blocks) sits on the compute device."""
+def recording_blocks(blocks: nn.ModuleList, sink, stop_at: int | None) -> Iterator[None]:
+    """Swap every block for a recorder (the stem must already be on the compute device)."""
     originals = list(blocks)
-    home = next(model.parameters()).device if any(True for _ in model.parameters()) else device
     try:
         for i, block in enumerate(originals):
             blocks[i] = _Recorder(block, i, sink, stop_at)
-        model.to(device)
         yield
     finally:
-        model.to(home)
         for i, block in enumerate(originals):
             blocks[i] = block
 
@@ -95,14 +92,14 @@ def _run(model: nn.Module, input_ids: torch.Tensor) -> None:
 @torch.no_grad()
 def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, seqlen: int, device: torch.device | str
                         ) -> list[BlockCall]:
-    """The arguments each block receives for a sequence of `seqlen` tokens (batch of one)."""
+    """The arguments each block receives for a sequence of `seqlen` tokens (batch of one), kept on the CPU."""
     calls: list[BlockCall | None] = [None] * len(blocks)
 
     def sink(index: int, hidden: torch.Tensor, call: BlockCall) -> None:
         calls[index] = call.to("cpu") if str(device) != "cpu" else call
 
     dummy = torch.zeros(1, seqlen, dtype=torch.long, device=device)
-    with recording_blocks(model, blocks, sink, len(blocks) - 1, device):
+    with recording_blocks(blocks, sink, len(blocks) - 1):
         _run(model, dummy)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
@@ -112,14 +109,20 @@ def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, seqlen: int, de
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
-                         device: torch.device | str) -> torch.Tensor:
-    """Block 0's hidden-state inputs for every calibration row, [n, seqlen, hidden] on `device`."""
+                         device: torch.device | str,
+                         on_batch: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+    """Block 0's hidden-state inputs for every calibration row: handed to `on_batch(start, hidden)` batch by
+    batch, or (without it) returned as one [n, seqlen, hidden] tensor on `device`."""
     outputs: list[torch.Tensor] = []
+    start = 0
 
     def sink(index: int, hidden: torch.Tensor, call: BlockCall) -> None:
-        outputs.append(hidden.detach())
+        if on_batch is None:
+            outputs.append(hidden.detach())
+        else:
+            on_batch(start, hidden.detach())
 
-    with recording_blocks(model, blocks, sink, 0, device):
-        for start in range(0, input_ids.shape[0], batch_size):
+    with recording_blocks(blocks, sink, 0):
+        for start in range(0, input_ids.shape[0], batch_size):  # `sink` reads `start`
             _run(model, input_ids[start : start + batch_size].to(device))
-    return torch.cat(outputs, dim=0)
+    return torch.cat(outputs, dim=0) if on_batch is None else None

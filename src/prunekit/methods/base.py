@@ -1,21 +1,26 @@
 """The method contract: what a pruning method gathers, how it scores, how it masks, whether it updates.
 
 A method is one file with a typed config (pydantic, unknown fields rejected) and a subclass of
-`PruningMethod`, registered by name. The engine calls `prune_layer` once per prunable linear, with
-the weight as an fp32 [out, in] matrix and the statistic gathered for that linear's input.
+`PruningMethod`, registered by name. It says what `statistic` it gathers over a shared-input group's input,
+how it prunes (`prune_group`, by default `prune_layer` once per linear, with the weight as an fp32 [out, in]
+matrix) and whether it `updates_weights`; `program` says which engine passes it needs (one sequential pass
+unless the method decides over several blocks at once).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from prunekit.pruning.statistics import Statistic
-from prunekit.pruning.target import SparsityTarget
+from prunekit.pruning.target import SparsityPlan, SparsityTarget
+
+if TYPE_CHECKING:
+    from prunekit.adapters.base import Adapter
 
 
 class MethodConfig(BaseModel):
@@ -59,6 +64,12 @@ class PruningMethod(ABC):
         """Prune linears that share one input (q/k/v, gate/up). By default, one layer at a time;
         a method may override this to share work across the group (SparseGPT shares H⁻¹)."""
         return {name: self.prune_layer(weight, stats, targets[name]) for name, weight in weights.items()}
+
+    def program(self, plan: SparsityPlan, adapter: Adapter, *, propagate: str = "pruned"):
+        """The engine passes this method needs: one sequential pass (statistics → prune → propagate)."""
+        from prunekit.engine.passes import Passes, SequentialPass
+
+        return Passes(SequentialPass(self, plan, adapter, propagate))
 
     def describe(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump(), "updates_weights": self.updates_weights}

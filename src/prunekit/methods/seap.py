@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prunekit.errors import PrunekitError
 from prunekit.methods.registry import register
+from prunekit.structured.collect import BlockSummary
 from prunekit.structured.layout import LlamaStructure
-from prunekit.structured.method import Gather, StructuredConfig, StructuredMethod
+from prunekit.structured.method import StructuredConfig, StructuredMethod, _split
 from prunekit.structured.search import block_units, logistic_counts
 from prunekit.structured.shrink import StructurePlan, build_plan
 
@@ -79,10 +79,12 @@ class Seap(StructuredMethod):
     name = "seap"
     config_class = SeapConfig
 
-    def plan(self, structure: LlamaStructure, stats: list[BlockStatistics] | None, sparsity: float) -> StructurePlan:
+    def plan(self, structure: LlamaStructure, stats: list[BlockStatistics] | list[BlockSummary] | None,
+             sparsity: float) -> StructurePlan:
         cfg = self.config
-        units = [block_units(structure, i, stats[i] if stats else None, self.metric, cfg.gqa, cfg.min_keep)
-                 for i in range(len(structure.blocks()))]
+        stats, columns = _split(stats, len(structure.blocks()))
+        units = [block_units(structure, i, stats[i] if stats else None, self.metric, cfg.gqa, cfg.min_keep,
+                             columns[i]) for i in range(len(structure.blocks()))]
         attn, mlp = [u[0] for u in units], [u[1] for u in units]
         layouts = [structure.layout(b) for b in structure.blocks()]
         attn_counts, mlp_counts, ratios, lam = logistic_counts(
@@ -92,20 +94,19 @@ class Seap(StructuredMethod):
         return build_plan(structure, attn, mlp, attn_counts, mlp_counts, stats, compensate=self.compensate,
                           target=sparsity, info=info)
 
-    def make_plans(self, structure: LlamaStructure, sparsity: float, gather: Gather
-                   ) -> tuple[dict[str, StructurePlan], str, Any]:
-        prepared = {}
-        for name, source in self.config.tasks.items():  # every source is checked before any forward pass
-            try:
-                prepared[name] = gather.prepare(source)
-            except PrunekitError as error:
-                raise PrunekitError(f"task {name!r}: {error}") from None
-        per_task = {name: gather.collect(ids) for name, (ids, _prov) in prepared.items()}
-        plans = {name: self.plan(structure, stats, sparsity) for name, stats in per_task.items()}
-        plans[GENERAL] = self.plan(structure, merged(list(per_task.values())), sparsity)
-        provenance = {name: prov for name, (_ids, prov) in prepared.items()}
-        return plans, self.config.apply, provenance
+    def calibration_sources(self) -> dict[str, str | None]:
+        return dict(self.config.tasks)
 
-    def saved_names(self) -> list[str]:
+    def plans(self, structure: LlamaStructure, collected: dict[str, list[BlockSummary]], sparsity: float
+              ) -> tuple[dict[str, StructurePlan], str]:
+        """One plan per task, and the general plan from all tasks' statistics added."""
+        plans = {name: self.plan(structure, summaries, sparsity) for name, summaries in collected.items()}
+        general = [BlockSummary(stats, first.columns) for stats, first in zip(
+            merged([[s.stats for s in summaries] for summaries in collected.values()]),
+            next(iter(collected.values())), strict=True)]
+        plans[GENERAL] = self.plan(structure, general, sparsity)
+        return plans, self.config.apply
+
+    def saved_names(self, plans: dict[str, StructurePlan]) -> list[str]:
         tasks = list(self.config.tasks)
         return {"all": [*tasks, GENERAL], "tasks": tasks, "general": [GENERAL]}[self.config.outputs]

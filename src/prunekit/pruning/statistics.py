@@ -1,17 +1,26 @@
 """Statistics of a layer's input, gathered over calibration tokens by forward hooks.
 
 One object per group of linears that share an input (q/k/v, gate/up): the engine feeds it every
-batch of that input, the method reads it when it prunes. Accumulators only, so a later change can
-reduce them across data-parallel ranks (`state()` / `merge()`).
+batch of that input, the method reads it when it prunes. Accumulators only (sums that add up across
+batches, tasks and data-parallel ranks), named in `fields`, so the engine can reduce, save and restore any
+statistic without knowing what it means.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
 
 class Statistic:
-    """Accumulates something about inputs of width `in_features`."""
+    """Accumulates something about inputs of width `in_features`.
+
+    Subclasses name their accumulators in `fields` (tensors that add up across batches, tasks and ranks);
+    `state`, `merge`, `load_state` and the engine's reduction across data-parallel ranks work on them alone.
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.in_features = in_features
@@ -22,7 +31,24 @@ class Statistic:
         raise NotImplementedError
 
     def state(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The accumulators (live tensors) and the token count."""
+        return {**{name: getattr(self, name) for name in self.fields}, "tokens": torch.tensor(self.tokens)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self.fields:
+            getattr(self, name).copy_(state[name])
+        self.tokens = int(state["tokens"])
+
+    def merge(self, other: Statistic) -> None:
+        """Add another accumulator's tokens (another task, batch or rank) to this one."""
+        for name in self.fields:
+            mine = getattr(self, name)
+            mine += getattr(other, name).to(mine.device)
+        self.tokens += other.tokens
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.fields)
 
     @staticmethod
     def _flat(inputs: torch.Tensor) -> torch.Tensor:
@@ -31,6 +57,8 @@ class Statistic:
 
 class InputSquaredNorms(Statistic):
     """Σ_t x_tj² per input channel j: ||X_j||₂², what Wanda multiplies |W| by (after a square root)."""
+
+    fields = ("sum_squares",)
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         super().__init__(in_features, device)
@@ -46,8 +74,6 @@ class InputSquaredNorms(Statistic):
         """||X_j||₂ over all calibration tokens."""
         return self.sum_squares.sqrt().float()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens)}
 
 
 class InputHessian(Statistic):
@@ -55,6 +81,8 @@ class InputHessian(Statistic):
 
     Built with one large matrix product per batch (addmm), accumulated unscaled in fp32.
     """
+
+    fields = ("xtx",)
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         super().__init__(in_features, device)
@@ -68,8 +96,6 @@ class InputHessian(Statistic):
     def hessian(self) -> torch.Tensor:
         return self.xtx * (2.0 / max(self.tokens, 1))
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"xtx": self.xtx, "tokens": torch.tensor(self.tokens)}
 
 
 class InputMeanVariance(Statistic):
@@ -78,6 +104,8 @@ class InputMeanVariance(Statistic):
     Kept as float64 sums (Σx, Σx²) rather than a Welford update: sums merge across batches and ranks by
     plain addition, and in float64 the cancellation in E[x²] − E[x]² is far below what ranking needs.
     """
+
+    fields = ("sum", "sum_squares")
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         super().__init__(in_features, device)
@@ -89,12 +117,6 @@ class InputMeanVariance(Statistic):
         self.sum += flat.sum(0)
         self.sum_squares += flat.square().sum(0)
         self.tokens += flat.shape[0]
-
-    def merge(self, other: InputMeanVariance) -> None:
-        """Add another accumulator's tokens (another task, batch or rank) to this one."""
-        self.sum += other.sum.to(self.sum.device)
-        self.sum_squares += other.sum_squares.to(self.sum_squares.device)
-        self.tokens += other.tokens
 
     def mean(self) -> torch.Tensor:
         return (self.sum / max(self.tokens, 1)).float()
@@ -111,5 +133,3 @@ class InputMeanVariance(Statistic):
         """||X_j||₂ over all tokens (what Wanda's score multiplies |W| by)."""
         return self.sum_squares.sqrt().float()
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"sum": self.sum, "sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens)}

@@ -1,23 +1,25 @@
-"""One calibration pass through the dense model: input mean/variance of every o_proj and down_proj.
+"""What the structured methods measure in the engine's collect pass, block by block, over the dense model.
 
-Those two inputs are where a head (o_proj columns) and an MLP channel (down_proj column) meet the
-residual stream, so their fluctuation says how much each piece moves the output (FLAP). The pass runs
-block by block on cached activations, like the unstructured engine, but propagates the *dense*
-outputs: every block's statistics are gathered before any block is changed, which the adaptive
-(cross-layer) searches need, and one pass serves every method, ratio and structure.
+The inputs of o_proj and down_proj are where a head (o_proj columns) and an MLP channel (down_proj column)
+meet the residual stream, so their mean and variance say how much each piece moves the output (FLAP). The
+collect pass propagates the *dense* outputs: every block's statistics are gathered before any block is
+changed, which the adaptive (cross-layer) searches need. While a block is loaded, the per-column summaries
+of those two projections are kept too, so the plan never needs the weights of all blocks at once.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from prunekit.engine.capture import capture_block_calls, capture_block_inputs
-from prunekit.engine.progress import ProgressReporter
 from prunekit.pruning.statistics import InputMeanVariance
 from prunekit.structured.layout import LlamaStructure
+
+_KINDS = ("attn", "mlp")
+_PROJECTIONS = ("o_proj", "down_proj")
 
 
 @dataclass
@@ -32,40 +34,69 @@ class BlockStatistics:
         self.mlp.merge(other.mlp)
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
+@dataclass
+class BlockSummary:
+    """One block as the collect pass saw it: data statistics (None without data) and column summaries."""
+
+    stats: BlockStatistics | None
+    columns: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class StructuredObserver:
+    """The `Observer` of the collect pass (engine/passes.py) for head and channel removal."""
+
+    def __init__(self, structure: LlamaStructure, needs_data: bool):
+        self.structure = structure
+        self.needs_data = needs_data
+
+    def observed(self, index: int, block: nn.Module):
+        modules = self.structure.observed_inputs(block)
+        return {kind: (module, InputMeanVariance(module.in_features, module.weight.device))
+                for kind, module in modules.items()}
+
+    def summarize(self, index: int, block: nn.Module, stats) -> dict[str, torch.Tensor]:
+        flat: dict[str, torch.Tensor] = {}
+        for kind, statistic in stats.items():
+            for name, tensor in statistic.state().items():
+                flat[f"{kind}.{name}"] = tensor.detach().cpu()
+        for projection, summary in self.structure.column_summaries(block).items():
+            for name, tensor in summary.items():
+                flat[f"{projection}.{name}"] = tensor.cpu()
+        return flat
+
+    def decide(self, summaries: list[dict[str, torch.Tensor]]) -> list[BlockSummary]:
+        return [self.unflatten(flat) for flat in summaries]
+
+    @staticmethod
+    def unflatten(flat: dict[str, torch.Tensor]) -> BlockSummary:
+        columns = {p: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(p + ".")} for p in _PROJECTIONS}
+        stats = None
+        if "attn.tokens" in flat:
+            parts = []
+            for kind in _KINDS:
+                statistic = InputMeanVariance(flat[f"{kind}.sum"].numel())
+                statistic.load_state({k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(kind + ".")})
+                parts.append(statistic)
+            stats = BlockStatistics(*parts)
+        return BlockSummary(stats, columns)
 
 
 @torch.no_grad()
 def collect_statistics(model, structure: LlamaStructure, input_ids: torch.Tensor, *, batch_size: int = 16,
                        device: str = "cpu", progress: bool = True) -> tuple[list[BlockStatistics], float]:
-    """Statistics of every block over the calibration rows, and the seconds spent."""
+    """Statistics of every block of an in-memory model over the calibration rows, and the seconds spent
+    (the engine's collect pass, for callers that plan by hand: tests, benchmarks)."""
+    from prunekit.engine import Engine, EngineOptions, InMemoryBlocks
+    from prunekit.engine.passes import CollectPass
+
     started = time.perf_counter()
-    blocks = structure.blocks()
-    calls = capture_block_calls(model, blocks, input_ids.shape[1], device)
-    activations = capture_block_inputs(model, blocks, input_ids, batch_size, device)
-    reporter = ProgressReporter(len(blocks), enabled=progress)
-    stats: list[BlockStatistics] = []
-    for index, block in enumerate(blocks):
-        t0 = time.perf_counter()
-        home = next(block.parameters()).device
-        block.to(device)
-        attn, mlp = structure.attention(block), structure.mlp_module(block)
-        entry = BlockStatistics(InputMeanVariance(attn.o_proj.in_features, device),
-                                InputMeanVariance(mlp.down_proj.in_features, device))
-        handles = [
-            attn.o_proj.register_forward_pre_hook(lambda _m, inputs, s=entry.attn: s.update(inputs[0])),
-            mlp.down_proj.register_forward_pre_hook(lambda _m, inputs, s=entry.mlp: s.update(inputs[0])),
-        ]
-        call = calls[index].to(device)
-        try:
-            for start in range(0, activations.shape[0], batch_size):
-                batch = activations[start : start + batch_size]
-                activations[start : start + batch.shape[0]] = _first(block(batch, *call.args, **call.kwargs))
-        finally:
-            for handle in handles:
-                handle.remove()
-        block.to(home)
-        stats.append(entry)
-        reporter.block_done(index, {"statistics": time.perf_counter() - t0})
-    return stats, time.perf_counter() - started
+    source = InMemoryBlocks(model, structure.adapter, torch.device(device))
+    collect = CollectPass(StructuredObserver(structure, needs_data=True))
+
+    class _One:
+        def passes(self):
+            yield collect
+
+    Engine(source, options=EngineOptions(batch_size=batch_size, device=device, progress=progress)).run(
+        _One(), input_ids)
+    return [summary.stats for summary in collect.result], time.perf_counter() - started

@@ -1,27 +1,29 @@
-"""The structured engine: calibration → statistics → plan(s) → compensated, physically smaller model.
+"""Structured runs on the engine: calibration → collect pass(es) → plan(s) → apply pass → smaller model.
 
-`prunekit.prune` hands structured methods here. The model is pruned in place with the applied plan
-(SEAP: the general mask unless another is asked for); every plan of the run is kept in the report so
-the CLI can save one model per SEAP task.
+`prunekit.prune` hands structured methods here. In memory, the model is pruned in place with the applied
+plan (SEAP: the general mask unless another is asked for) and every plan of the run is kept in the report
+so the CLI can save one model per SEAP task; streamed (prunekit.streaming), every saved plan gets its own
+apply pass and output folder.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from prunekit.engine.passes import ApplyPass, CollectPass
 from prunekit.errors import PrunekitError
 from prunekit.pruning.target import check_sparsity
-from prunekit.structured.collect import collect_statistics
+from prunekit.structured.collect import StructuredObserver
 from prunekit.structured.layout import get_structure
 from prunekit.structured.method import StructuredMethod
-from prunekit.structured.shrink import StructurePlan, apply_plan
+from prunekit.structured.shrink import SPEC_KEY, StructurePlan, apply_block, apply_plan, layer_spec, structure_spec
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -76,50 +78,100 @@ class StructuredReport:
         }
 
 
+class StructuredProgram:
+    """The engine passes of a structured method: collect (one pass per calibration set, or a weights-only
+    one) → plans → apply (the applied plan in memory; streamed, one pass per saved output)."""
+
+    def __init__(self, method: StructuredMethod, structure, sparsity: float, calibrations: dict[str, Any],
+                 *, streamed: bool = False, on_plans: Any = None):
+        self.method, self.structure, self.sparsity = method, structure, sparsity
+        self.calibrations, self.streamed, self.on_plans = calibrations, streamed, on_plans
+        self.plans: dict[str, StructurePlan] = {}
+        self.applied = ""
+        self.applies: dict[str, ApplyPass] = {}
+
+    def passes(self):
+        collected = {}
+        for name, ids in (self.calibrations or {"weights": None}).items():
+            collect = CollectPass(StructuredObserver(self.structure, needs_data=ids is not None), calibration=ids)
+            yield collect
+            collected[name] = collect.result
+        self.plans, self.applied = self.method.plans(self.structure, collected, self.sparsity)
+        if self.on_plans is not None:
+            self.on_plans(self.plans)
+        names = self.method.saved_names(self.plans) if self.streamed else [self.applied]
+        for name in names:
+            plan = self.plans[name]
+
+            def shrink(index: int, block: nn.Module, plan: StructurePlan = plan) -> dict[str, Any]:
+                apply_block(self.structure, block, plan.layers[index], index)
+                return layer_spec(self.structure, block)
+
+            self.applies[name] = ApplyPass(shrink, output=name if self.streamed else None)
+            yield self.applies[name]
+
+
+def structured_calibrations(method: StructuredMethod, prepare) -> tuple[dict[str, Any], Any]:
+    """Token ids of every calibration set the method measures, checked before any forward pass, and their
+    provenance (`prepare(source)` turns a SOURCE, or None for the run's own, into (ids, provenance))."""
+    sources = method.calibration_sources()
+    calibrations, provenance = {}, {}
+    for name, source in sources.items():
+        try:
+            calibrations[name], provenance[name] = prepare(source)
+        except PrunekitError as error:
+            if source is None:
+                raise
+            raise PrunekitError(f"task {name!r}: {error}") from None
+    if list(sources) == ["model"]:
+        return calibrations, provenance["model"]
+    return calibrations, provenance or None
+
+
 def prune_structured(model: nn.Module, method: StructuredMethod, *, sparsity: float, pattern: str | None = None,
                      calibration: Any = None, tokenizer: Any = None, nsamples: int = 128, seqlen: int | None = None,
                      seed: int = 0, overrides: dict | None = None, skip: list[str] | None = None,
                      batch_size: int = 8, device: str = "cpu", progress: bool = True) -> StructuredReport:
-    """Prune `model` in place by removing heads and channels; see `prunekit.prune` for the arguments."""
+    """Prune an in-memory `model` in place by removing heads and channels; see `prunekit.prune`."""
     from prunekit.api import peak_memory, prepare_calibration
+    from prunekit.engine import Engine, EngineOptions, InMemoryBlocks
 
     started = time.perf_counter()
+    check_structured_request(method, pattern, overrides, skip)
+    sparsity = check_sparsity(sparsity)
+    structure = get_structure(model)
+    params_before = count_parameters(model)
+    t0 = time.perf_counter()
+    calibrations, provenance = structured_calibrations(method, lambda source: prepare_calibration(
+        calibration if source is None else source, tokenizer, model, nsamples=nsamples, seqlen=seqlen, seed=seed))
+    timings: dict[str, float] = {"calibration_data": time.perf_counter() - t0} if calibrations else {}
+    kept: dict[str, Any] = {}
+
+    def keep_dense_blocks(plans: dict[str, StructurePlan]) -> None:
+        if len(plans) > 1:  # other plans are applied to copies of the dense blocks later (SEAP)
+            kept["blocks"] = copy.deepcopy(structure.blocks())
+
+    program = StructuredProgram(method, structure, sparsity, calibrations, on_plans=keep_dense_blocks)
+    engine = Engine(InMemoryBlocks(model, structure.adapter, torch.device(device)),
+                    options=EngineOptions(batch_size=batch_size, device=device, progress=progress))
+    result = engine.run(program, None)
+    setattr(model.config, SPEC_KEY, structure_spec(model, structure))
+    timings.update(result.timings)
+    return StructuredReport(
+        method=method.describe(), target=sparsity, plans=program.plans, applied=program.applied,
+        calibration=provenance, params_before=params_before, params_after=count_parameters(model),
+        seconds=time.perf_counter() - started, timings=timings, memory=peak_memory(),
+        attn_implementation=getattr(model.config, "_attn_implementation", None), dense_blocks=kept.get("blocks"),
+    )
+
+
+def check_structured_request(method: StructuredMethod, pattern: str | None, overrides, skip) -> None:
     if pattern not in (None, "", "unstructured"):
         raise PrunekitError(f"pattern {pattern!r} does not apply to structured method {method.name}; "
                             "structured methods remove whole heads and channels")
     if overrides or skip:
         raise PrunekitError(f"per-layer overrides/skip are not supported by structured method {method.name}; "
                             "use min_keep / the structure option")
-    sparsity = check_sparsity(sparsity)
-    structure = get_structure(model)
-    params_before = count_parameters(model)
-    timings: dict[str, float] = {}
-
-    class _Gather:
-        def prepare(self, source: Any):
-            t0 = time.perf_counter()
-            result = prepare_calibration(calibration if source is None else source, tokenizer, model,
-                                         nsamples=nsamples, seqlen=seqlen, seed=seed)
-            timings["calibration_data"] = timings.get("calibration_data", 0.0) + time.perf_counter() - t0
-            return result
-
-        def collect(self, ids):
-            stats, seconds = collect_statistics(model, structure, ids, batch_size=batch_size, device=device,
-                                                progress=progress)
-            timings["statistics"] = timings.get("statistics", 0.0) + seconds
-            return stats
-
-    plans, applied, provenance = method.make_plans(structure, sparsity, _Gather())
-    dense_blocks = copy.deepcopy(structure.blocks()) if len(plans) > 1 else None
-    t0 = time.perf_counter()
-    apply_plan(model, structure, plans[applied])
-    timings["shrink"] = time.perf_counter() - t0
-    return StructuredReport(
-        method=method.describe(), target=sparsity, plans=plans, applied=applied, calibration=provenance,
-        params_before=params_before, params_after=count_parameters(model), seconds=time.perf_counter() - started,
-        timings=timings, memory=peak_memory(),
-        attn_implementation=getattr(model.config, "_attn_implementation", None), dense_blocks=dense_blocks,
-    )
 
 
 def model_for_plan(report: StructuredReport, model: nn.Module, name: str) -> nn.Module:
@@ -139,8 +191,12 @@ def model_for_plan(report: StructuredReport, model: nn.Module, name: str) -> nn.
 
 def save_outputs(report: StructuredReport, model: nn.Module, tokenizer: Any, out: str | Path,
                  manifest: dict[str, Any], *, overwrite: bool = False, names: list[str] | None = None) -> list[Path]:
-    """Save the applied model to OUT; with several plans (SEAP), one model per plan in OUT/NAME."""
+    """Save the applied model to OUT; with several plans (SEAP), one model per plan in OUT/NAME (the whole
+    folder staged and renamed into place, like a single model)."""
+    import shutil
+
     from prunekit.export import check_output_dir, save_model
+    from prunekit.files import MANIFEST, atomic_write_json, new_staging_dir, publish_dir
 
     if len(report.plans) == 1:
         return [save_model(model, tokenizer, out, manifest, overwrite=overwrite)]
@@ -149,14 +205,17 @@ def save_outputs(report: StructuredReport, model: nn.Module, tokenizer: Any, out
         tasks = [name for name in report.plans if name in config.get("tasks", {})]
         names = {"all": list(report.plans), "tasks": tasks, "general": ["general"]}[config["outputs"]]
     root = check_output_dir(out, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in names or list(report.plans):
-        pruned = model_for_plan(report, model, name)
-        entry = {**manifest, "task_model": name, "overall_sparsity": report.plans[name].achieved}
-        paths.append(save_model(pruned, tokenizer, root / name, entry, overwrite=True))
-        del pruned
-    (root / "prunekit.json").write_text(json.dumps(
-        {**manifest, "task_models": [str(p.name) for p in paths]},
-        indent=2, default=str) + "\n")
-    return paths
+    staging = new_staging_dir(root)
+    try:
+        saved = []
+        for name in names or list(report.plans):
+            pruned = model_for_plan(report, model, name)
+            entry = {**manifest, "task_model": name, "overall_sparsity": report.plans[name].achieved}
+            saved.append(save_model(pruned, tokenizer, staging / name, entry).name)
+            del pruned
+        atomic_write_json(staging / MANIFEST, {**manifest, "task_models": saved})
+        publish_dir(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [root / name for name in saved]

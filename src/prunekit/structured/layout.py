@@ -69,6 +69,17 @@ class LlamaStructure:
     def mlp_module(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.mlp)
 
+    def column_summaries(self, block: nn.Module) -> dict[str, dict]:
+        """Per-column summaries of the two output projections a head or channel removal cuts."""
+        from prunekit.structured.search import column_summary
+
+        return {"o_proj": column_summary(self.attention(block).o_proj.weight),
+                "down_proj": column_summary(self.mlp_module(block).down_proj.weight)}
+
+    def observed_inputs(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Where heads and channels meet the residual stream: the inputs whose fluctuation FLAP measures."""
+        return {"attn": self.attention(block).o_proj, "mlp": self.mlp_module(block).down_proj}
+
     def layout(self, block: nn.Module) -> BlockLayout:
         attn, mlp = self.attention(block), self.mlp_module(block)
         q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj

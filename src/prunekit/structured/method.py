@@ -1,15 +1,15 @@
-"""The contract of a structured method: a typed config and a rule from statistics to a plan.
+"""The contract of a structured method: a typed config, the calibration sets it measures, and a rule from
+their statistics to a plan.
 
 Structured methods are registered in the same registry as the unstructured ones (so the CLI and
-`prunekit.prune` take them by name) but carry `structured = True`: `prunekit.prune` sends them to the
-structured engine (engine.py) instead of the per-linear one.
+`prunekit.prune` take them by name) and run on the same engine: one collect pass per calibration set (or a
+weights-only one), then the plan, then an apply pass that shrinks each block (structured/engine.py).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, field_validator
 
 from prunekit.methods.base import MethodConfig
@@ -18,17 +18,7 @@ from prunekit.structured.search import block_units, search
 from prunekit.structured.shrink import StructurePlan, build_plan
 
 if TYPE_CHECKING:
-    from prunekit.structured.collect import BlockStatistics
-
-
-class Gather(Protocol):
-    """What the engine gives a method to get data: token ids from a source, then statistics from ids."""
-
-    def prepare(self, source: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Calibration ids and provenance from `source` (None: the run's own calibration argument)."""
-
-    def collect(self, ids: torch.Tensor) -> list[BlockStatistics]:
-        """Per-block statistics of the dense model over `ids`."""
+    from prunekit.structured.collect import BlockStatistics, BlockSummary
 
 
 class StructuredConfig(MethodConfig):
@@ -74,22 +64,39 @@ class StructuredMethod:
         return {"name": self.name, "config": self.config.model_dump(), "structured": True,
                 "metric": self.metric, "bias_compensation": self.compensate}
 
-    def plan(self, structure: LlamaStructure, stats: list[BlockStatistics] | None, sparsity: float) -> StructurePlan:
-        """Score, search, and fix the kept indices (with compensation biases when enabled)."""
+    def plan(self, structure: LlamaStructure, stats: list[BlockStatistics] | list[BlockSummary] | None,
+             sparsity: float) -> StructurePlan:
+        """Score, search, and fix the kept indices (with the means that bias compensation needs)."""
         cfg = self.config
-        units = [block_units(structure, i, stats[i] if stats else None, self.metric, cfg.gqa, cfg.min_keep)
-                 for i in range(len(structure.blocks()))]
+        stats, columns = _split(stats, len(structure.blocks()))
+        units = [block_units(structure, i, stats[i] if stats else None, self.metric, cfg.gqa, cfg.min_keep,
+                             columns[i]) for i in range(len(structure.blocks()))]
         attn, mlp = [u[0] for u in units], [u[1] for u in units]
         layouts = [structure.layout(b) for b in structure.blocks()]
         attn_counts, mlp_counts = search(cfg.structure, attn, mlp, layouts, sparsity, cfg.attention_sparsity)
         return build_plan(structure, attn, mlp, attn_counts, mlp_counts, stats, compensate=self.compensate,
                           target=sparsity, info={"structure": cfg.structure, "metric": self.metric})
 
-    def make_plans(self, structure: LlamaStructure, sparsity: float, gather: Gather
-                   ) -> tuple[dict[str, StructurePlan], str, Any]:
-        """All plans this run produces, the one applied to the model in memory, and the data provenance."""
-        stats, provenance = None, None
-        if self.needs_calibration:
-            ids, provenance = gather.prepare(None)
-            stats = gather.collect(ids)
-        return {"model": self.plan(structure, stats, sparsity)}, "model", provenance
+    def calibration_sources(self) -> dict[str, str | None]:
+        """Name → SOURCE of each calibration set measured in its own collect pass (None: the run's own
+        calibration). Empty: the plan needs only the weights."""
+        return {"model": None} if self.needs_calibration else {}
+
+    def plans(self, structure: LlamaStructure, collected: dict[str, list[BlockSummary]], sparsity: float
+              ) -> tuple[dict[str, StructurePlan], str]:
+        """Every plan of the run and the one the in-memory model receives."""
+        summaries = collected.get("model") or collected.get("weights")
+        return {"model": self.plan(structure, summaries, sparsity)}, "model"
+
+    def saved_names(self, plans: dict[str, StructurePlan]) -> list[str]:
+        return list(plans)
+
+
+def _split(stats, count: int) -> tuple[list | None, list]:
+    """Block statistics and column summaries from either form a caller may pass."""
+    from prunekit.structured.collect import BlockSummary
+
+    if stats and isinstance(stats[0], BlockSummary):
+        data = [s.stats for s in stats]
+        return (data if data[0] is not None else None), [s.columns for s in stats]
+    return stats, [None] * count

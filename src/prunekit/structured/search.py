@@ -47,19 +47,25 @@ ADAPTIVE_HINT = ", or use an adaptive structure (AL-AM)"
 GQARule = Literal["auto", "query-heads", "kv-groups"]
 
 
-def channel_scores(metric: str, weight: torch.Tensor, stat: InputMeanVariance | None) -> torch.Tensor:
-    """Importance of each input channel (column) of an output projection [out, in]."""
+def column_summary(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the scores need of an output projection's weight [out, in], per input channel (column); taken
+    while the block is loaded, so a plan over all blocks never needs every block's weights at once."""
     weight = weight.detach().float()
+    return {"sq_norm": weight.square().sum(0), "abs_mean": weight.abs().mean(0)}
+
+
+def channel_scores(metric: str, columns: dict[str, torch.Tensor], stat: InputMeanVariance | None) -> torch.Tensor:
+    """Importance of each input channel (column) of an output projection, from its `column_summary`."""
     if metric == "MAG":
-        return weight.norm(dim=0)
+        return columns["sq_norm"].sqrt()
     if stat is None:
         raise ValueError(f"metric {metric} needs calibration statistics")
     if metric == "IFV":
         return stat.variance()
     if metric == "WIFV":
-        return stat.variance() * weight.square().sum(0)
+        return stat.variance() * columns["sq_norm"]
     if metric == "WIFN":
-        return (weight.abs() * stat.norms().unsqueeze(0)).mean(0)
+        return columns["abs_mean"] * stat.norms()
     raise ValueError(f"unknown metric {metric}")
 
 
@@ -100,14 +106,20 @@ def _floor(total: int, min_keep: float) -> int:
 
 
 def block_units(structure: LlamaStructure, index: int, stats: BlockStatistics | None, metric: str, gqa: str,
-                min_keep: float) -> tuple[ModuleUnits, ModuleUnits]:
-    """Score one block's heads and channels and express them as removal units."""
+                min_keep: float, columns: dict[str, dict[str, torch.Tensor]] | None = None
+                ) -> tuple[ModuleUnits, ModuleUnits]:
+    """Score one block's heads and channels and express them as removal units.
+
+    `columns` are the block's `column_summary` of o_proj and down_proj (from a collect pass); without them
+    they are read from the block, which must then be in memory.
+    """
     block = structure.blocks()[index]
     layout = structure.layout(block)
-    attn, mlp = structure.attention(block), structure.mlp_module(block)
+    if columns is None:
+        columns = structure.column_summaries(block)
     d, r, kv = layout.head_dim, layout.group_size, layout.kv_heads
 
-    head_scores = standardize(channel_scores(metric, attn.o_proj.weight, stats.attn if stats else None))
+    head_scores = standardize(channel_scores(metric, columns["o_proj"], stats.attn if stats else None))
     head_scores = head_scores.view(layout.heads, d).mean(1).view(kv, r)  # heads of group g: g·r … g·r+r−1
     rule = resolve_gqa(gqa, layout)
     if rule == "query-heads":
@@ -129,7 +141,7 @@ def block_units(structure: LlamaStructure, index: int, stats: BlockStatistics | 
     else:
         raise ValueError(f"unknown GQA rule {gqa}")
 
-    mlp_scores = standardize(channel_scores(metric, mlp.down_proj.weight, stats.mlp if stats else None))
+    mlp_scores = standardize(channel_scores(metric, columns["down_proj"], stats.mlp if stats else None))
     ranked, order = torch.sort(mlp_scores, stable=True)
     mlp_units = ModuleUnits(
         layer=index, kind="mlp", scores=ranked, unit_params=layout.channel_params, total=layout.channels,

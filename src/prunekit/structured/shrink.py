@@ -36,7 +36,11 @@ class LayerPlan:
     channels: list[int]
     removed_params: int
     total_params: int
-    o_bias: torch.Tensor | None = None  # compensation added to o_proj's bias
+    #: input means of o_proj / down_proj over the calibration tokens (bias compensation, when enabled)
+    attn_mean: torch.Tensor | None = None
+    mlp_mean: torch.Tensor | None = None
+    #: the compensation added to o_proj's / down_proj's bias, set when the plan is applied
+    o_bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
 
 
@@ -65,19 +69,24 @@ def _channels_of(heads: list[int], head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 
 
-def _compensation(weight: torch.Tensor, removed: torch.Tensor, stat) -> torch.Tensor | None:
-    if removed.numel() == 0:
+def _compensation(weight: torch.Tensor, removed: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor | None:
+    if mean is None or removed.numel() == 0:
         return None
-    mean = stat.mean().to(weight.device)
-    return (weight.double()[:, removed] @ mean.double()[removed]).float()
+    removed = removed.to(weight.device)
+    return (weight.double()[:, removed] @ mean.to(weight.device).double()[removed]).float()
 
 
 def build_plan(structure: LlamaStructure, attn: list[ModuleUnits], mlp: list[ModuleUnits], attn_counts: list[int],
                mlp_counts: list[int], stats: list[BlockStatistics] | None, *, compensate: bool, target: float,
                info: dict[str, Any] | None = None) -> StructurePlan:
-    """Turn unit counts into kept indices (and compensation biases) for every layer."""
+    """Turn unit counts into kept indices for every layer (with the input means that compensation needs).
+
+    Only shapes are read from the blocks, so this works on a streamed model's weightless skeleton; the
+    compensation biases need the removed columns' weights and are computed when a block is shrunk.
+    """
     layers = []
-    for block, a, m, na, nm in zip(structure.blocks(), attn, mlp, attn_counts, mlp_counts, strict=True):
+    for index, (block, a, m, na, nm) in enumerate(zip(structure.blocks(), attn, mlp, attn_counts, mlp_counts,
+                                                      strict=True)):
         layout = structure.layout(block)
         gone_heads = {h for unit in a.heads[:na] for h in unit}
         gone_kv = {g for unit in a.kv_heads[:na] for g in unit}
@@ -90,13 +99,7 @@ def build_plan(structure: LlamaStructure, attn: list[ModuleUnits], mlp: list[Mod
         removed += len(gone_channels) * layout.channel_params
         plan = LayerPlan(heads, kv_kept, channels, removed, layout.total_params)
         if compensate and stats is not None:
-            index = len(layers)
-            attn_mod, mlp_mod = structure.attention(block), structure.mlp_module(block)
-            removed_cols = _channels_of(sorted(gone_heads), layout.head_dim)
-            plan.o_bias = _compensation(attn_mod.o_proj.weight, removed_cols, stats[index].attn)
-            plan.down_bias = _compensation(mlp_mod.down_proj.weight, torch.tensor(sorted(gone_channels),
-                                                                                  dtype=torch.long),
-                                           stats[index].mlp)
+            plan.attn_mean, plan.mlp_mean = stats[index].attn.mean(), stats[index].mlp.mean()
         layers.append(plan)
     return StructurePlan(layers, target, dict(info or {}))
 
@@ -144,41 +147,64 @@ def check_gqa(heads: list[int], kv_heads: list[int], group_size: int, layer: int
 
 
 @torch.no_grad()
+def compensation(structure: LlamaStructure, block: nn.Module, layer: LayerPlan
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """FLAP's biases for o_proj and down_proj of a dense block: W[:, removed] · mean(X[removed])."""
+    layout = structure.layout(block)
+    gone_cols = _channels_of(sorted(set(range(layout.heads)) - set(layer.heads)), layout.head_dim)
+    gone_channels = torch.tensor(sorted(set(range(layout.channels)) - set(layer.channels)), dtype=torch.long)
+    return (_compensation(structure.attention(block).o_proj.weight, gone_cols, layer.attn_mean),
+            _compensation(structure.mlp_module(block).down_proj.weight, gone_channels, layer.mlp_mean))
+
+
+@torch.no_grad()
+def apply_block(structure: LlamaStructure, block: nn.Module, layer: LayerPlan, index: int) -> None:
+    """Shrink one block in place to its layer plan; the removed pieces' mean output goes into the biases."""
+    layout = structure.layout(block)
+    attn, mlp = structure.attention(block), structure.mlp_module(block)
+    per_group = check_gqa(layer.heads, layer.kv_heads, layout.group_size, index)
+    q_rows = _channels_of(layer.heads, layout.head_dim)
+    kv_rows = _channels_of(layer.kv_heads, layout.head_dim)
+    layer.o_bias, layer.down_bias = compensation(structure, block, layer)
+    attn.q_proj = keep_rows(attn.q_proj, q_rows)
+    attn.k_proj = keep_rows(attn.k_proj, kv_rows)
+    attn.v_proj = keep_rows(attn.v_proj, kv_rows)
+    attn.o_proj = keep_columns(attn.o_proj, q_rows, layer.o_bias)
+    attn.num_key_value_groups = per_group
+    for name, value in (("num_heads", len(layer.heads)), ("num_attention_heads", len(layer.heads)),
+                        ("num_key_value_heads", len(layer.kv_heads))):
+        if hasattr(attn, name):
+            setattr(attn, name, value)
+    channels = torch.tensor(layer.channels, dtype=torch.long)
+    mlp.gate_proj = keep_rows(mlp.gate_proj, channels)
+    mlp.up_proj = keep_rows(mlp.up_proj, channels)
+    mlp.down_proj = keep_columns(mlp.down_proj, channels, layer.down_bias)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(layer.channels)
+
+
+@torch.no_grad()
 def apply_plan(model: nn.Module, structure: LlamaStructure, plan: StructurePlan) -> None:
-    """Shrink every block of `model` (in place) to the plan, then record the sizes in its config."""
+    """Shrink every block of an in-memory `model` to the plan, then record the sizes in its config."""
     blocks = structure.blocks()
     if len(blocks) != len(plan.layers):
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {len(blocks)}")
     for index, (block, layer) in enumerate(zip(blocks, plan.layers, strict=True)):
-        layout = structure.layout(block)
-        attn, mlp = structure.attention(block), structure.mlp_module(block)
-        per_group = check_gqa(layer.heads, layer.kv_heads, layout.group_size, index)
-        q_rows = _channels_of(layer.heads, layout.head_dim)
-        kv_rows = _channels_of(layer.kv_heads, layout.head_dim)
-        attn.q_proj = keep_rows(attn.q_proj, q_rows)
-        attn.k_proj = keep_rows(attn.k_proj, kv_rows)
-        attn.v_proj = keep_rows(attn.v_proj, kv_rows)
-        attn.o_proj = keep_columns(attn.o_proj, q_rows, layer.o_bias)
-        attn.num_key_value_groups = per_group
-        for name, value in (("num_heads", len(layer.heads)), ("num_attention_heads", len(layer.heads)),
-                            ("num_key_value_heads", len(layer.kv_heads))):
-            if hasattr(attn, name):
-                setattr(attn, name, value)
-        channels = torch.tensor(layer.channels, dtype=torch.long)
-        mlp.gate_proj = keep_rows(mlp.gate_proj, channels)
-        mlp.up_proj = keep_rows(mlp.up_proj, channels)
-        mlp.down_proj = keep_columns(mlp.down_proj, channels, layer.down_bias)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = len(layer.channels)
+        apply_block(structure, block, layer, index)
     setattr(model.config, SPEC_KEY, structure_spec(model, structure))
 
 
-def structure_spec(model: nn.Module, structure: LlamaStructure) -> dict[str, Any]:
-    """Per-layer head counts, intermediate sizes and which linears carry a bias: all a loader needs."""
-    layers = []
-    for block in structure.blocks():
-        layout = structure.layout(block)
-        biased = [name for name in LINEARS if block.get_submodule(name).bias is not None]
-        layers.append({"num_attention_heads": layout.heads, "num_key_value_heads": layout.kv_heads,
-                       "intermediate_size": layout.channels, "bias": biased})
+def layer_spec(structure: LlamaStructure, block: nn.Module) -> dict[str, Any]:
+    """One block's head counts, intermediate size and which linears carry a bias: all a loader needs."""
+    layout = structure.layout(block)
+    biased = [name for name in LINEARS if block.get_submodule(name).bias is not None]
+    return {"num_attention_heads": layout.heads, "num_key_value_heads": layout.kv_heads,
+            "intermediate_size": layout.channels, "bias": biased}
+
+
+def structure_spec(model: nn.Module, structure: LlamaStructure, layers: list[dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    """The per-layer sizes recorded in a shrunk model's config (from its blocks, or `layers` when streamed)."""
+    if layers is None:
+        layers = [layer_spec(structure, block) for block in structure.blocks()]
     return {"format": 1, "family": structure.adapter.family, "head_dim": structure.head_dim, "layers": layers}

@@ -1,0 +1,56 @@
+"""How statistics are combined before a decision: nothing to do in one process, all_reduce across ranks.
+
+Only statistics cross ranks, once per block: every rank gathers over its own calibration rows, the sums are
+added with `torch.distributed.all_reduce`, and every rank then holds the statistics of all rows and takes the
+same (deterministic) decision, so nothing else has to be sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from prunekit.pruning.statistics import Statistic
+
+
+class LocalReducer:
+    """One process: the statistics are already complete."""
+
+    rank = 0
+    world_size = 1
+    bytes_reduced = 0
+
+    def reduce(self, statistics: Iterable[Statistic]) -> None:
+        return None
+
+    def rows(self, total: int) -> slice:
+        """The calibration rows this process works on."""
+        return slice(0, total)
+
+
+class DistributedReducer(LocalReducer):
+    """Ranks of a `torch.distributed` process group (gloo on CPU, nccl on GPU): sums all-reduced in place."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.bytes_reduced = 0
+
+    def reduce(self, statistics: Iterable[Statistic]) -> None:
+        for statistic in statistics:
+            for name in statistic.fields:
+                tensor = getattr(statistic, name)
+                self._dist.all_reduce(tensor)
+                self.bytes_reduced += tensor.numel() * tensor.element_size()
+            device = getattr(statistic, statistic.fields[0]).device
+            tokens = torch.tensor([statistic.tokens], dtype=torch.int64, device=device)
+            self._dist.all_reduce(tokens)
+            statistic.tokens = int(tokens.item())
+
+    def rows(self, total: int) -> slice:
+        """Contiguous, near-equal shares: rank r takes rows [r·n/W, (r+1)·n/W)."""
+        return slice(self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size)
