@@ -72,10 +72,20 @@ def prune(
     seed: Annotated[int | None, typer.Option(help="Seed for windows / self-sampling.")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML recipe; flags override it.")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", help="Output folder.")] = None,
-    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing --out.")] = None,
+    overwrite: Annotated[bool | None, typer.Option("--overwrite", help="Replace an existing prunekit --out.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run of this --out "
+                                                          "(the same command continues it anyway).")] = False,
     propagate: Annotated[str | None, typer.Option(help="pruned (reference) or dense.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Calibration rows per forward.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Block by block from disk (default "
+                                                "for models on disk) or the whole model in memory.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16, float16 (default: the "
+                                                   "checkpoint's).")] = None,
+    activations_dtype: Annotated[str | None, typer.Option(help="dtype of the calibration activations kept "
+                                                               "between blocks (default: the model's).")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 3GB: activations beyond it spill to "
+                                                        "disk; below one block's need is an error.")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Method option key=value (repeatable).")] = None,
     structure: Annotated[str | None, typer.Option(help="Structured methods: UL-UM, UL-MM, AL-MM, AL-AM.")] = None,
     metric: Annotated[str | None, typer.Option(help="flap/seap score: IFV, WIFV or WIFN.")] = None,
@@ -84,22 +94,22 @@ def prune(
     ppl_seqlen: Annotated[int, typer.Option(help="Window length for --ppl.")] = 512,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
-    """Prune MODEL and save an HF folder plus prunekit.json."""
-    from prunekit.api import prune as run_prune
-    from prunekit.api import versions
-    from prunekit.export import check_output_dir, save_model
+    """Prune MODEL and save an HF folder plus prunekit.json (streamed block by block, resumable)."""
+    from prunekit.api import check_run_options
     from prunekit.methods import build_method
-    from prunekit.models import load_model
     from prunekit.pruning import SparsityPlan
     from prunekit.pruning.target import check_sparsity
     from prunekit.recipe import load_recipe
+    from prunekit.streaming.budget import parse_size
+    from prunekit.streaming.prune import parse_dtype
 
     options = {**_parse_options(option), **_structured_options(structure, metric, task)}
     recipe = load_recipe(config, {
         "model": model, "method": method,
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
-        "propagate": propagate, "batch_size": batch_size, "device": device,
+        "propagate": propagate, "batch_size": batch_size, "device": device, "stream": stream, "dtype": dtype,
+        "activations_dtype": activations_dtype, "max_memory": max_memory,
     })
     if options:
         recipe.options = {**recipe.options, **options}
@@ -108,10 +118,82 @@ def prune(
     # validate everything cheap before loading anything
     build_method(recipe.method, recipe.options)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
+    check_run_options(recipe.batch_size, recipe.device)
+    parse_dtype(recipe.dtype, "--dtype")
+    parse_dtype(recipe.activations_dtype, "--activations-dtype")
+    limit = parse_size(recipe.max_memory)
+    from prunekit.files import check_output_dir
+
     check_output_dir(recipe.out, recipe.overwrite)
+    spec = recipe.model or DEFAULT_MODEL
+    if recipe.stream is False or (recipe.stream is None and _in_memory_only(spec)):
+        if resume or limit is not None:
+            raise PrunekitError("--resume and --max-memory need the streamed engine (drop --no-stream)")
+        return _prune_in_memory(recipe, spec, ppl, ppl_seqlen, trust_remote_code)
+    _prune_streamed(recipe, spec, limit, resume, ppl, ppl_seqlen, trust_remote_code)
+
+
+def _in_memory_only(spec: str) -> bool:
+    """A structurally pruned folder has per-layer sizes: it is re-pruned in memory."""
+    from prunekit.structured.io import structured_spec
+
+    return structured_spec(Path(spec).expanduser()) is not None
+
+
+def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str | None, ppl_seqlen: int,
+                    trust_remote_code: bool) -> None:
+    from prunekit.streaming import StreamRequest, prune_files
+
+    request = StreamRequest(
+        spec=spec, out=recipe.out, method=recipe.method, options=recipe.options, sparsity=recipe.sparsity,
+        pattern=recipe.pattern, overrides=recipe.overrides, skip=recipe.skip, calib=recipe.calib,
+        nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed, propagate=recipe.propagate,
+        batch_size=recipe.batch_size, device=recipe.device, prune_head=recipe.prune_head, dtype=recipe.dtype,
+        activations_dtype=recipe.activations_dtype, max_memory=limit, trust_remote_code=trust_remote_code)
+    before = _streamed_ppl(spec, ppl, ppl_seqlen, trust_remote_code) if ppl else None
+    manifest = prune_files(request, overwrite=recipe.overwrite, resume=True if resume else None,
+                           log=lambda m: err.print(f"[dim]{m}[/]"))
+    out.print(f"saved {recipe.out} (achieved sparsity {manifest['overall_sparsity']:.4f}, "
+              f"{manifest['timings_s']['total']:.1f}s, peak RSS {manifest['memory']['peak_rss_mib']:.0f} MiB)")
+    if ppl:
+        after = _streamed_ppl(recipe.out, ppl, ppl_seqlen, trust_remote_code)
+        _record_evaluation(Path(recipe.out), before, after)
+        _print_table(spec, recipe.method, recipe.sparsity, recipe.pattern, before, after, manifest["overall_sparsity"])
+
+
+def _streamed_ppl(spec: str, source: str, seqlen: int, trust_remote_code: bool) -> dict[str, Any]:
+    from prunekit.structured.io import structured_spec
+
+    if structured_spec(Path(spec).expanduser()) is not None:  # per-layer sizes: the explicit loader
+        from prunekit.structured.io import load_structured
+
+        loaded = load_structured(spec)
+        return _ppl(loaded, source, seqlen)
+    from prunekit.evaluation.streamed import streamed_perplexity
+    from prunekit.models import open_checkpoint
+
+    checkpoint = open_checkpoint(spec, trust_remote_code=trust_remote_code)
+    return streamed_perplexity(checkpoint, checkpoint.tokenizer(), source, seqlen=seqlen).to_dict()
+
+
+def _record_evaluation(folder: Path, before: dict[str, Any], after: dict[str, Any]) -> None:
+    from prunekit.files import MANIFEST, atomic_write_json
+
+    path = folder / MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+        atomic_write_json(path, {**manifest, "evaluation": {"before": before, "after": after}})
+
+
+def _prune_in_memory(recipe, spec: str, ppl: str | None, ppl_seqlen: int, trust_remote_code: bool) -> None:
+    from prunekit.api import prune as run_prune
+    from prunekit.api import versions
+    from prunekit.export import save_model
+    from prunekit.models import load_model
+    from prunekit.streaming.prune import parse_dtype
 
     started = time.perf_counter()
-    loaded = load_model(recipe.model or DEFAULT_MODEL, trust_remote_code=trust_remote_code)
+    loaded = load_model(spec, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - started
     before = _ppl(loaded, ppl, ppl_seqlen) if ppl else None
     report = run_prune(
@@ -119,7 +201,7 @@ def prune(
         calibration=recipe.calib, tokenizer=loaded.tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
         seed=recipe.seed, method_options=recipe.options, overrides=recipe.overrides, skip=recipe.skip,
         propagate=recipe.propagate, batch_size=recipe.batch_size, device=recipe.device,
-        prune_head=recipe.prune_head,
+        prune_head=recipe.prune_head, activations_dtype=parse_dtype(recipe.activations_dtype, "--activations-dtype"),
     )
     after = _ppl(loaded, ppl, ppl_seqlen) if ppl else None
     manifest = {
@@ -130,6 +212,9 @@ def prune(
         "load_seconds": load_seconds,
         "versions": versions(),
     }
+    output_dtype = parse_dtype(recipe.dtype, "--dtype")
+    if output_dtype is not None:
+        loaded.model.to(output_dtype)
     t0 = time.perf_counter()
     if getattr(report, "structured", False):  # a smaller model; seap: one per task
         from prunekit.structured import save_outputs
@@ -141,8 +226,7 @@ def prune(
     out.print(f"saved {path} (achieved sparsity {report.overall_sparsity:.4f}, "
               f"prune {report.seconds:.1f}s, save {time.perf_counter() - t0:.1f}s)")
     if ppl:
-        _print_table(loaded.provenance.get("spec", ""), recipe.method, recipe.sparsity, recipe.pattern,
-                     before, after, report.overall_sparsity)
+        _print_table(spec, recipe.method, recipe.sparsity, recipe.pattern, before, after, report.overall_sparsity)
 
 
 def _ppl(loaded, source: str, seqlen: int) -> dict[str, Any]:

@@ -28,6 +28,12 @@ class Recipe(BaseModel):
     batch_size: int = 8
     device: str = "cpu"
     prune_head: bool = False
+    #: Streamed (block by block from disk; the default for models on disk) or loaded whole in memory.
+    stream: bool | None = None
+    #: Output dtype (default: the checkpoint's), activations dtype (default: the model's), memory limit ("3GB").
+    dtype: str | None = None
+    activations_dtype: str | None = None
+    max_memory: str | None = None
     #: Options of the method's typed config, e.g. {"percdamp": 0.01} for sparsegpt.
     options: dict[str, Any] = {}
     #: Per-layer targets by glob on the full linear name: a sparsity or an "N:M" pattern.

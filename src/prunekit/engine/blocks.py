@@ -128,16 +128,19 @@ class StreamedBlocks:
 
     @contextlib.contextmanager
     def tail(self) -> Iterator[None]:
-        """The final norm and the head (with a tied head, the embeddings), for evaluation."""
+        """The final norm and the head, for evaluation (a tied head reads the input embeddings)."""
         names = [n for n in self.outside_blocks(include_head=True)
-                 if not any(n.startswith(p) for p in self.adapter.embeddings_paths)]
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            names += [n for n in self.outside_blocks() if n.startswith(self.adapter.embeddings_paths[0])]
+                 if not any(n.startswith(p + ".") for p in self.adapter.embeddings_paths)]
+        head = f"{self.adapter.head_path}.weight"
+        tied = head not in names
         self._fill(self.model, "", names)
+        if tied:
+            embedding = f"{self.adapter.embeddings_paths[0]}.weight"
+            _set_tensor(self.model, head, self.checkpoint.read(embedding).to(self.device, self.compute_dtype))
         try:
             yield
         finally:
-            _empty(self.model, names)
+            _empty(self.model, names + ([head] if tied else []))
 
     def bytes_read(self) -> int:
         return int(self.checkpoint.tensors.bytes_read)
@@ -154,6 +157,7 @@ class ShardSink:
         self.folder, self.source, self.dtype = folder, source, dtype
         self.count = len(source.adapter.blocks()) + 1
         self.bytes_written = 0
+        self.parameters_written = 0
 
     def block_file(self, index: int) -> Path:
         return self.folder / shard_name(index + 2, self.count)
@@ -163,6 +167,7 @@ class ShardSink:
         tensors = {f"{prefix}{n}": t for n, t in block.state_dict().items() if t.device.type != "meta"}
         specs = {n: TensorSpec(tuple(t.shape), self._dtype_of(t)) for n, t in tensors.items()}
         self.bytes_written += write_shard(self.block_file(index), tensors.items(), specs, {"format": "pt"})
+        self.parameters_written += sum(t.numel() for t in tensors.values())
 
     def _dtype_of(self, tensor: torch.Tensor) -> torch.dtype:
         return self.dtype if tensor.dtype.is_floating_point else tensor.dtype
@@ -181,6 +186,7 @@ class ShardSink:
 
         first = self.folder / shard_name(1, self.count)
         self.bytes_written += write_shard(first, tensors(), specs, {"format": "pt"})
+        self.parameters_written += sum(_numel(spec.shape) for spec in specs.values())
         weight_map = dict.fromkeys(names, first.name)
         total = sum(spec.nbytes for spec in specs.values())
         for index in range(self.count - 1):
@@ -195,8 +201,25 @@ class ShardSink:
         write_index(self.folder, weight_map, total)
         return self.bytes_written
 
+    def parameters(self) -> int:
+        """Parameters in the finished output (from the shard headers, so a resumed run counts them all)."""
+        from safetensors import safe_open
+
+        total = 0
+        for path in sorted(self.folder.glob("model-*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                total += sum(_numel(tuple(handle.get_slice(k).get_shape())) for k in handle.keys())  # noqa: SIM118
+        return total
+
     @staticmethod
     def _dtype_from(name: str) -> torch.dtype:
         from prunekit.models.tensors import SAFETENSORS_DTYPES
 
         return SAFETENSORS_DTYPES[name]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count

@@ -14,6 +14,7 @@ activations in their dtype, in memory or spilled to disk. Methods never see any 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,18 @@ class EngineResult:
 
 class Engine:
     def __init__(self, source, *, options: EngineOptions | None = None, reducer=None, run_dir: RunDir | None = None,
-                 sinks: dict[str | None, Any] | None = None, spill_dir: Path | None = None):
+                 sinks: Mapping[str | None, Any] | None = None, spill_dir: Path | None = None):
         self.source = source
         self.adapter = source.adapter
         self.options = options or EngineOptions()
         self.reducer = reducer or LocalReducer()
         self.run_dir = run_dir
-        self.sinks = sinks or {}
+        #: output name → sink (streamed; indexing may create it); None in memory, where blocks are edited in place
+        self.sinks = sinks
         self.spill_dir = spill_dir or (run_dir.folder if run_dir else None)
         self.device = torch.device(self.options.device)
         self.result = EngineResult()
+        self.activations: ActivationStore | None = None
         self._calls: dict[int, list[BlockCall]] = {}
 
     @property
@@ -83,7 +86,9 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, program: Program, calibration_ids: torch.Tensor | None = None) -> EngineResult:
+        """Walk every pass of `program` over the blocks; `self.activations` holds the last pass's outputs."""
         blocks = self.adapter.blocks()
+        self._note_resume()
         for k, current in enumerate(program.passes()):
             progress = self.run_dir.progress(k) if self.run_dir else PassProgress()
             if progress.next_block or progress.complete:
@@ -95,22 +100,22 @@ class Engine:
             if current.kind == "sequential":
                 self.result.layers.extend(current.records)
         self.result.io = {"bytes_read": self.source.bytes_read(),
-                          "bytes_written": sum(getattr(s, "bytes_written", 0) for s in self.sinks.values()),
+                          "bytes_written": sum(s.bytes_written for s in (self.sinks or {}).values()),
                           "bytes_reduced": self.reducer.bytes_reduced}
         if self.run_dir:
             self.result.resumed_at = list(self.run_dir.resumed_at)
         return self.result
 
     def _walk(self, k: int, current: Pass, progress: PassProgress, calibration_ids, count: int) -> None:
-        store = None
+        store = self.activations = None
         if current.needs_data:
             ids = current.calibration if current.calibration is not None else calibration_ids
             if ids is None:
                 raise ValueError(f"the {current.kind} pass needs calibration data")
             ids = ids[self.reducer.rows(ids.shape[0])]
             self._block_calls(ids.shape[1])
-            store = self._activations(k, progress, ids)
-        sink = self.sinks.get(current.output) if current.writes_blocks else None
+            store = self.activations = self._activations(k, progress, ids)
+        sink = self.sinks[current.output] if self.sinks is not None and current.writes_blocks else None
         reporter = ProgressReporter(count, enabled=self.options.progress, label=current.kind,
                                     start=progress.next_block)
         for index in range(progress.next_block, count):
@@ -135,9 +140,6 @@ class Engine:
             self._checkpoint(k, current, progress, index, store, count)
             reporter.block_done(index, timings)
         reporter.close()
-        progress.complete = True
-        if self.run_dir:
-            self.run_dir.save()
 
     def _compute_dtype(self) -> torch.dtype:
         return getattr(self.source, "compute_dtype", None) or next(self.model.parameters()).dtype
@@ -190,6 +192,7 @@ class Engine:
     def _checkpoint(self, k: int, current: Pass, progress: PassProgress, index: int, store, count: int) -> None:
         """After block `index`: everything the next block needs, then the progress record (last, atomic)."""
         progress.next_block = index + 1
+        progress.complete = progress.next_block == count  # recorded with the last block, not after it
         if self.run_dir is None:
             return
         previous = progress.activations
@@ -218,12 +221,19 @@ class Engine:
                                       current=saved["current"])
         return MemoryActivations(self.run_dir.load_tensors(saved["file"])["activations"])
 
+    def _note_resume(self) -> None:
+        """Record where an interrupted run continues: the first unfinished block (or only the output)."""
+        if self.run_dir is None or not any(p.next_block for p in self.run_dir.passes):
+            return
+        passes = self.run_dir.passes
+        k = next((i for i, p in enumerate(passes) if not p.complete), len(passes) - 1)
+        self.run_dir.mark_resumed({"pass": k, "block": passes[k].next_block,
+                                   "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
     def _restore(self, k: int, current: Pass, progress: PassProgress) -> None:
         assert self.run_dir is not None
         current.load_state(progress.state)
         if isinstance(current, CollectPass):
             current.summaries = [self.run_dir.load_tensors(f"pass-{k}-block-{i}.safetensors")
                                  for i in range(progress.next_block)]
-        if not progress.complete:
-            self.run_dir.mark_resumed({"pass": k, "kind": current.kind, "block": progress.next_block,
-                                       "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+

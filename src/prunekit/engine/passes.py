@@ -293,6 +293,31 @@ class ApplyPass:
         return None
 
 
+@dataclass
+class ForwardPass:
+    """Only run each block on the activations, the last one included (streamed evaluation)."""
+
+    calibration: torch.Tensor | None = None
+    output: str | None = None
+    kind: str = "forward"
+    needs_data: bool = True
+    writes_blocks: bool = False
+
+    def process(self, ctx: BlockContext) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ctx.propagate()
+        return {"forward": time.perf_counter() - t0}
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def finish(self) -> None:
+        return None
+
+
 class Passes:
     """A program of passes fixed in advance (most methods: one sequential pass)."""
 

@@ -128,6 +128,62 @@ def _windows(
     return stream[: n * seqlen].view(n, seqlen), prov, dropped
 
 
+def prepare_windows(source, tokenizer, *, seqlen: int, batch_size: int, bos: bool, split: str,
+                    max_windows: int | None, config: Any, embedding_rows: int | None
+                    ) -> tuple[torch.Tensor, dict[str, Any], int, int | None]:
+    """Check the request and cut SOURCE into windows (with BOS when asked): (windows, provenance, dropped, bos id)."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise PrunekitError(f"seqlen {seqlen!r} is invalid; accepted: an integer >= 2")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrunekitError(f"batch_size {batch_size!r} is invalid; accepted: an integer >= 1")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise PrunekitError(f"max_windows {max_windows!r} is invalid; accepted: None or an integer >= 1")
+    if isinstance(source, str) and source.strip().lower() == "self":
+        raise PrunekitError(
+            "source 'self' is for calibration only; accepted for perplexity: "
+            + "wikitext2, c4, ptb, .txt, folder, .jsonl[:field], .safetensors, list[str]"
+        )
+    bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
+    if bos and bos_id is None:
+        raise PrunekitError("bos=True but the tokenizer has no BOS token; accepted: bos=False for this model")
+    context, _ = model_context(config)
+    width = seqlen + (1 if bos else 0)
+    if context is not None and width > context:
+        extra = " (+1 for BOS)" if bos else ""
+        raise PrunekitError(f"seqlen {seqlen}{extra} exceeds the model's context of {context}")
+
+    windows, prov, dropped = _windows(source, tokenizer, seqlen=seqlen, split=split, max_windows=max_windows)
+    if embedding_rows is not None and int(windows.max()) >= embedding_rows:
+        raise PrunekitError(
+            f"token id {int(windows.max())} is beyond the model's {embedding_rows} embeddings; "
+            "accepted: ids from this model's tokenizer"
+        )
+    if bos:
+        windows = torch.cat([torch.full((windows.shape[0], 1), int(bos_id)), windows], dim=1)
+    return windows, prov, dropped, bos_id
+
+
+def perplexity_result(nll_sum: float, windows: torch.Tensor, *, seqlen: int, bos: bool, bos_id: int | None,
+                      prov: dict[str, Any], dropped: int, dtype: str, seconds: float, batch_size: int,
+                      how: str = "") -> PerplexityResult:
+    """The result and its protocol string, the same however the forward passes ran."""
+    nwin = int(windows.shape[0])
+    predicted = nwin * (windows.shape[1] - 1)
+    nll = nll_sum / predicted
+    ppl = math.exp(nll) if nll < 700 else math.inf
+    protocol = (
+        f"documents joined with {JOINER!r}, tokenized once with add_special_tokens=False; "
+        f"{nwin} non-overlapping windows of {seqlen} tokens, trailing partial window dropped "
+        f"({dropped} tokens); "
+        + (f"BOS id {bos_id} prepended to every window, " if bos else "no BOS, ")
+        + f"{windows.shape[1] - 1} predicted tokens per window; forward in {dtype}{how}, loss in fp32; "
+        f"perplexity = exp(mean NLL over {predicted} tokens)"
+    )
+    return PerplexityResult(perplexity=ppl, nll=nll, tokens=predicted, windows=nwin, seqlen=seqlen, bos=bos,
+                            source=prov, seconds=seconds, batch_size=batch_size, dropped_tokens=dropped, dtype=dtype,
+                            protocol=protocol)
+
+
 def perplexity(
     model: Any,
     tokenizer: Any,
@@ -145,38 +201,13 @@ def perplexity(
     `source` is a SOURCE string (wikitext2, c4, ptb, .txt, folder, .jsonl[:field], .safetensors), a list
     of documents, or an already resolved TextSource/TokenSource. A 2-D .safetensors input_ids is taken as
     the windows themselves (its width must equal seqlen); a 1-D one is a stream windowed like text.
-    `progress=None` shows a bar on stderr only when stderr is a terminal.
+    `progress=None` shows a bar on stderr only when stderr is a terminal. A model on disk larger than
+    memory is evaluated block by block with `prunekit.evaluation.streamed.streamed_perplexity`.
     """
     t0 = time.perf_counter()
-    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
-        raise PrunekitError(f"seqlen {seqlen!r} is invalid; accepted: an integer >= 2")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PrunekitError(f"batch_size {batch_size!r} is invalid; accepted: an integer >= 1")
-    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
-        raise PrunekitError(f"max_windows {max_windows!r} is invalid; accepted: None or an integer >= 1")
-    if isinstance(source, str) and source.strip().lower() == "self":
-        raise PrunekitError(
-            "source 'self' is for calibration only; accepted for perplexity: "
-            + "wikitext2, c4, ptb, .txt, folder, .jsonl[:field], .safetensors, list[str]"
-        )
-    bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
-    if bos and bos_id is None:
-        raise PrunekitError("bos=True but the tokenizer has no BOS token; accepted: bos=False for this model")
-    context, _ = model_context(getattr(model, "config", None))
-    width = seqlen + (1 if bos else 0)
-    if context is not None and width > context:
-        extra = " (+1 for BOS)" if bos else ""
-        raise PrunekitError(f"seqlen {seqlen}{extra} exceeds the model's context of {context}")
-
-    windows, prov, dropped = _windows(source, tokenizer, seqlen=seqlen, split=split, max_windows=max_windows)
-    rows = _embedding_rows(model)
-    if rows is not None and int(windows.max()) >= rows:
-        raise PrunekitError(
-            f"token id {int(windows.max())} is beyond the model's {rows} embeddings; "
-            "accepted: ids from this model's tokenizer"
-        )
-    if bos:
-        windows = torch.cat([torch.full((windows.shape[0], 1), int(bos_id)), windows], dim=1)
+    windows, prov, dropped, bos_id = prepare_windows(
+        source, tokenizer, seqlen=seqlen, batch_size=batch_size, bos=bos, split=split, max_windows=max_windows,
+        config=getattr(model, "config", None), embedding_rows=_embedding_rows(model))
 
     from tqdm.auto import tqdm
 
@@ -202,30 +233,6 @@ def perplexity(
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
-
-    predicted = nwin * (windows.shape[1] - 1)
-    nll = float(nll_sum.item()) / predicted
-    ppl = math.exp(nll) if nll < 700 else math.inf
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    protocol = (
-        f"documents joined with {JOINER!r}, tokenized once with add_special_tokens=False; "
-        f"{nwin} non-overlapping windows of {seqlen} tokens, trailing partial window dropped "
-        f"({dropped} tokens); "
-        + (f"BOS id {bos_id} prepended to every window, " if bos else "no BOS, ")
-        + f"{windows.shape[1] - 1} predicted tokens per window; forward in {dtype}, loss in fp32; "
-        f"perplexity = exp(mean NLL over {predicted} tokens)"
-    )
-    return PerplexityResult(
-        perplexity=ppl,
-        nll=nll,
-        tokens=predicted,
-        windows=nwin,
-        seqlen=seqlen,
-        bos=bos,
-        source=prov,
-        seconds=time.perf_counter() - t0,
-        batch_size=batch_size,
-        dropped_tokens=dropped,
-        dtype=dtype,
-        protocol=protocol,
-    )
+    return perplexity_result(float(nll_sum.item()), windows, seqlen=seqlen, bos=bos, bos_id=bos_id, prov=prov,
+                             dropped=dropped, dtype=dtype, seconds=time.perf_counter() - t0, batch_size=batch_size)
