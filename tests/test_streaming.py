@@ -51,7 +51,7 @@ def _shards(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 @pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "2:4"), ("magnitude", "4:8")])
 def test_streamed_equals_in_memory(capsys, material, tmp_path, family, method, pattern):
-    root, calib = material
+    _root, calib = material
     model = _save(tmp_path / "model", family)
     common = ["--method", method, "--pattern", pattern]
     code, _, err = run(capsys, *_args(model, tmp_path / "s", calib, *common))
@@ -166,8 +166,8 @@ def test_killed_run_resumes_to_identical_bytes(capsys, material, tmp_path, where
 def _fixed_bytes(model: Path) -> int:
     from prunekit.adapters import get_adapter
     from prunekit.engine import StreamedBlocks
-    from prunekit.models import open_checkpoint
     from prunekit.methods import build_method
+    from prunekit.models import open_checkpoint
     from prunekit.streaming.budget import plan_memory, statistics_bytes
 
     checkpoint = open_checkpoint(model)
