@@ -333,7 +333,21 @@ def tokenize_documents(
         ids = torch.cat(parts).to(torch.long) if parts else torch.zeros(0, dtype=torch.long)
         info["tokenization"] = f"chunked at document boundaries ({chunks} chunks of ~{_CHUNK_CHARS} chars)"
     info["tokens"] = int(ids.numel())
+    release_free_memory()
     return ids, info
+
+
+def release_free_memory() -> None:
+    """Give memory freed by the process back to the system (glibc keeps it otherwise). Tokenizing a 10 MB text in
+    one call takes ~1.2 GB inside the tokenizer; without this the resident size stays there for the whole run."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to give back this way
+            ctypes.CDLL(name).malloc_trim(0)
 
 
 def _start_token_id(model: Any, tokenizer: Any) -> tuple[int, str]:
