@@ -128,12 +128,14 @@ def prune(
     prune_head: bool = False,
     progress: bool = True,
     activations_dtype: torch.dtype | None = None,
+    reducer: Any = None,
 ) -> PruneReport:
     """Prune an in-memory `model` in place and return the report.
 
     `calibration` is a source string (see `prunekit.data`), a `CalibrationSet`, a LongTensor of
     token ids [nsamples, seqlen], or None for the offline default `self` (text sampled from the
-    model). The LM head and embeddings are never pruned unless `prune_head=True`. A model on disk
+    model). The LM head and embeddings are never pruned unless `prune_head=True`. Under torchrun, pass
+    `reducer=prunekit.distributed.start(device)`: each rank calibrates on its share of the rows. A model on disk
     larger than memory is pruned with `prunekit.streaming.prune_files` (what the CLI does for folders
     and GGUF files): the same engine and methods, one block in memory at a time.
     """
@@ -147,7 +149,7 @@ def prune(
         return prune_structured(model, pruner, sparsity=sparsity, pattern=pattern, calibration=calibration,
                                 tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                 overrides=overrides, skip=skip, batch_size=batch_size, device=device,
-                                progress=progress)
+                                progress=progress, reducer=reducer)
     adapter = get_adapter(model)
     plan = build_plan(sparsity, pattern, overrides, skip, prune_head=prune_head, method=pruner, model=model)
     check_widths(adapter, plan)
@@ -157,9 +159,13 @@ def prune(
         ids, provenance = prepare_calibration(calibration, tokenizer, model, nsamples=nsamples, seqlen=seqlen,
                                               seed=seed)
         calib_seconds = time.perf_counter() - t0
+        if reducer is not None:
+            from prunekit.distributed import check_rows
+
+            check_rows(reducer, ids.shape[0])
     options = EngineOptions(batch_size=batch_size, device=device, progress=progress,
                             activations_dtype=activations_dtype)
-    engine = Engine(InMemoryBlocks(model, adapter, torch.device(device)), options=options)
+    engine = Engine(InMemoryBlocks(model, adapter, torch.device(device)), options=options, reducer=reducer)
     result = engine.run(pruner.program(plan, adapter, propagate=propagate), ids)
     if prune_head:
         result.layers.extend(prune_head_layers(adapter, plan, pruner))
@@ -171,7 +177,7 @@ def prune(
         engine=result,
         calibration=provenance,
         options={"propagate": propagate, "batch_size": batch_size, "device": device, "prune_head": prune_head,
-                 "adapter": adapter.family},
+                 "adapter": adapter.family, "world_size": getattr(reducer, "world_size", 1)},
         seconds=time.perf_counter() - started,
         memory=peak_memory(),
     )

@@ -142,6 +142,8 @@ def _in_memory_only(spec: str) -> bool:
 
 def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str | None, ppl_seqlen: int,
                     trust_remote_code: bool) -> None:
+    from prunekit import distributed
+    from prunekit.api import check_device
     from prunekit.streaming import StreamRequest, prune_files
 
     request = StreamRequest(
@@ -150,9 +152,15 @@ def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str
         nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed, propagate=recipe.propagate,
         batch_size=recipe.batch_size, device=recipe.device, prune_head=recipe.prune_head, dtype=recipe.dtype,
         activations_dtype=recipe.activations_dtype, max_memory=limit, trust_remote_code=trust_remote_code)
+    reducer = distributed.start(check_device(recipe.device))
+    if reducer.world_size > 1 and ppl:
+        raise PrunekitError("--ppl runs once, after a data-parallel run: evaluate with `prunekit eval` instead")
     before = _streamed_ppl(spec, ppl, ppl_seqlen, trust_remote_code) if ppl else None
     manifest = prune_files(request, overwrite=recipe.overwrite, resume=True if resume else None,
-                           log=lambda m: err.print(f"[dim]{m}[/]"))
+                           log=lambda m: err.print(f"[dim]{m}[/]"), reducer=reducer)
+    distributed.finish(reducer)
+    if reducer.rank != 0:
+        return
     out.print(f"saved {recipe.out} (achieved sparsity {manifest['overall_sparsity']:.4f}, "
               f"{manifest['timings_s']['total']:.1f}s, peak RSS {manifest['memory']['peak_rss_mib']:.0f} MiB)")
     if ppl:
@@ -186,12 +194,14 @@ def _record_evaluation(folder: Path, before: dict[str, Any], after: dict[str, An
 
 
 def _prune_in_memory(recipe, spec: str, ppl: str | None, ppl_seqlen: int, trust_remote_code: bool) -> None:
+    from prunekit import distributed
+    from prunekit.api import check_device, versions
     from prunekit.api import prune as run_prune
-    from prunekit.api import versions
     from prunekit.export import save_model
     from prunekit.models import load_model
     from prunekit.streaming.prune import parse_dtype
 
+    reducer = distributed.start(check_device(recipe.device))
     started = time.perf_counter()
     loaded = load_model(spec, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - started
@@ -202,7 +212,11 @@ def _prune_in_memory(recipe, spec: str, ppl: str | None, ppl_seqlen: int, trust_
         seed=recipe.seed, method_options=recipe.options, overrides=recipe.overrides, skip=recipe.skip,
         propagate=recipe.propagate, batch_size=recipe.batch_size, device=recipe.device,
         prune_head=recipe.prune_head, activations_dtype=parse_dtype(recipe.activations_dtype, "--activations-dtype"),
+        progress=reducer.rank == 0, reducer=reducer,
     )
+    distributed.finish(reducer)
+    if reducer.rank != 0:  # every rank holds the same pruned model: rank 0 writes it
+        return
     after = _ppl(loaded, ppl, ppl_seqlen) if ppl else None
     manifest = {
         "model": loaded.provenance,

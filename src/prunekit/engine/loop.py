@@ -101,7 +101,8 @@ class Engine:
                 self.result.layers.extend(current.records)
         self.result.io = {"bytes_read": self.source.bytes_read(),
                           "bytes_written": sum(s.bytes_written for s in (self.sinks or {}).values()),
-                          "bytes_reduced": self.reducer.bytes_reduced}
+                          "bytes_reduced": self.reducer.bytes_reduced, "bytes_shared": self.reducer.bytes_shared,
+                          "world_size": self.reducer.world_size}
         if self.run_dir:
             self.result.resumed_at = list(self.run_dir.resumed_at)
         return self.result
@@ -115,8 +116,9 @@ class Engine:
             ids = ids[self.reducer.rows(ids.shape[0])]
             self._block_calls(ids.shape[1])
             store = self.activations = self._activations(k, progress, ids)
-        sink = self.sinks[current.output] if self.sinks is not None and current.writes_blocks else None
-        reporter = ProgressReporter(count, enabled=self.options.progress, label=current.kind,
+        writes = self.sinks is not None and current.writes_blocks and self.reducer.rank == 0  # one writer
+        sink = self.sinks[current.output] if writes else None
+        reporter = ProgressReporter(count, enabled=self.options.progress and self.reducer.rank == 0, label=current.kind,
                                     start=progress.next_block)
         for index in range(progress.next_block, count):
             t0 = time.perf_counter()
@@ -127,7 +129,8 @@ class Engine:
                                    is_last=index == count - 1,
                                    call=self._calls[store.shape[0]][index].to(self.device) if store else None,
                                    activations=store, batch_size=self.options.batch_size, device=self.device,
-                                   compute_dtype=self._compute_dtype(), reduce=self.reducer.reduce)
+                                   compute_dtype=self._compute_dtype(), reduce=self.reducer.reduce,
+                                   decides=self.reducer.rank == 0, share=self.reducer.share)
                 timings.update(current.process(ctx))
                 if sink is not None:
                     t0 = time.perf_counter()
@@ -184,19 +187,31 @@ class Engine:
         per_row = int(torch.tensor(shape).prod()) * torch.empty((), dtype=dtype).element_size()
         budget = self.options.activations_budget
         if budget is not None and rows * per_row > budget and self.spill_dir is not None:
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            return SpilledActivations(self.spill_dir, rows, shape, dtype)
+            return SpilledActivations(self._rank_folder(self.spill_dir), rows, shape, dtype)
         return MemoryActivations(torch.empty(rows, *shape, dtype=dtype, device="cpu"))
+
+    def _rank_folder(self, folder: Path) -> Path:
+        """Where this rank keeps its own activations (each rank holds different rows)."""
+        mine = folder if self.reducer.world_size == 1 else folder / f"rank-{self.reducer.rank}"
+        mine.mkdir(parents=True, exist_ok=True)
+        return mine
+
+    def _activation_file(self, base: str) -> str:
+        return f"{base}.safetensors" if self.reducer.world_size == 1 else f"rank-{self.reducer.rank}/{base}.safetensors"
 
     # -- resume ------------------------------------------------------------------------------------------
     def _checkpoint(self, k: int, current: Pass, progress: PassProgress, index: int, store, count: int) -> None:
-        """After block `index`: everything the next block needs, then the progress record (last, atomic)."""
+        """After block `index`: everything the next block needs, then the progress record (last, atomic).
+
+        Each rank writes its own activations; rank 0 writes the record once every rank has written.
+        """
         progress.next_block = index + 1
         progress.complete = progress.next_block == count  # recorded with the last block, not after it
         if self.run_dir is None:
             return
         previous = progress.activations
-        if isinstance(current, CollectPass):
+        rank0 = self.reducer.rank == 0
+        if isinstance(current, CollectPass) and rank0:
             self.run_dir.save_tensors(f"pass-{k}-block-{index}.safetensors", current.summaries[-1])
         progress.activations = None
         if store is not None and index + 1 < count:
@@ -204,26 +219,21 @@ class Engine:
                 progress.activations = {"kind": "spilled", "current": store.current, "rows": store.rows,
                                         "shape": list(store.shape), "dtype": str(store.dtype)}
             else:
-                name = f"activations-{k}-{index + 1}.safetensors"
-                store.save(self.run_dir.folder / name)
-                progress.activations = {"kind": "memory", "file": name}
+                base = f"activations-{k}-{index + 1}"
+                self._rank_folder(self.run_dir.folder)
+                store.save(self.run_dir.folder / self._activation_file(base))
+                progress.activations = {"kind": "memory", "file": base}
         progress.state = current.state()
-        self.run_dir.save()
+        self.reducer.barrier()
+        if rank0:
+            self.run_dir.save()
+        self.reducer.barrier()
         if previous and previous.get("kind") == "memory":
-            self.run_dir.remove(previous["file"])
-
-    def _saved_activations(self, progress: PassProgress) -> ActivationStore:
-        assert self.run_dir is not None and progress.activations is not None
-        saved = progress.activations
-        if saved["kind"] == "spilled":
-            dtype = getattr(torch, saved["dtype"].removeprefix("torch."))
-            return SpilledActivations(self.run_dir.folder, saved["rows"], tuple(saved["shape"]), dtype,
-                                      current=saved["current"])
-        return MemoryActivations(self.run_dir.load_tensors(saved["file"])["activations"])
+            self.run_dir.remove(self._activation_file(previous["file"]))
 
     def _note_resume(self) -> None:
         """Record where an interrupted run continues: the first unfinished block (or only the output)."""
-        if self.run_dir is None or not any(p.next_block for p in self.run_dir.passes):
+        if self.run_dir is None or self.reducer.rank != 0 or not any(p.next_block for p in self.run_dir.passes):
             return
         passes = self.run_dir.passes
         k = next((i for i, p in enumerate(passes) if not p.complete), len(passes) - 1)

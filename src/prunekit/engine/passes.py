@@ -61,6 +61,10 @@ class BlockContext:
     device: torch.device
     compute_dtype: torch.dtype
     reduce: Callable[[list[Statistic]], None]
+    #: False on data-parallel ranks other than 0: they receive the decision instead of taking it
+    decides: bool = True
+    #: send these tensors from the deciding rank to every other (in place); nothing to do in one process
+    share: Callable[[list[torch.Tensor]], None] = lambda tensors: None
 
     def gather(self, observed: dict[Any, tuple[nn.Module, Statistic]], *, update_outputs: bool) -> None:
         """One batched forward of the block with each observed module's input fed to its statistic.
@@ -172,8 +176,13 @@ class SequentialPass:
             ctx.gather(observed, update_outputs=keep)
             timings["statistics"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for group, modules in wanted:
-            self._prune_group(ctx.prefix, modules, stats.pop(group, None))  # pop: free XᵀX early
+        if ctx.decides:
+            for group, modules in wanted:
+                self._prune_group(ctx.prefix, modules, stats.pop(group, None))  # pop: free XᵀX early
+        stats.clear()
+        # one decision for all ranks: rank 0's pruned weights (SparseGPT's OBS updates are not bitwise
+        # reproducible across GPUs; Wanda's masks would agree anyway, the cost is one block's linears)
+        ctx.share([weight_matrix(m) for _g, modules in wanted for m in modules.values()])
         timings["prune"] = time.perf_counter() - t0
         if self.needs_data and self.propagate == "pruned" and not ctx.is_last:
             t0 = time.perf_counter()

@@ -20,8 +20,16 @@ class LocalReducer:
     rank = 0
     world_size = 1
     bytes_reduced = 0
+    bytes_shared = 0
 
     def reduce(self, statistics: Iterable[Statistic]) -> None:
+        return None
+
+    def share(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of `tensors` on every rank."""
+        return None
+
+    def barrier(self) -> None:
         return None
 
     def rows(self, total: int) -> slice:
@@ -39,6 +47,7 @@ class DistributedReducer(LocalReducer):
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.bytes_reduced = 0
+        self.bytes_shared = 0
 
     def reduce(self, statistics: Iterable[Statistic]) -> None:
         for statistic in statistics:
@@ -50,6 +59,17 @@ class DistributedReducer(LocalReducer):
             tokens = torch.tensor([statistic.tokens], dtype=torch.int64, device=device)
             self._dist.all_reduce(tokens)
             statistic.tokens = int(tokens.item())
+
+    def share(self, tensors: list[torch.Tensor]) -> None:
+        for tensor in tensors:
+            data = tensor if tensor.is_contiguous() else tensor.contiguous()
+            self._dist.broadcast(data, src=0)
+            if data is not tensor:
+                tensor.copy_(data)
+            self.bytes_shared += tensor.numel() * tensor.element_size()
+
+    def barrier(self) -> None:
+        self._dist.barrier()
 
     def rows(self, total: int) -> slice:
         """Contiguous, near-equal shares: rank r takes rows [r·n/W, (r+1)·n/W)."""

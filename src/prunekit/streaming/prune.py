@@ -95,17 +95,27 @@ def _sha(obj: Any) -> str:
 
 
 def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run `request`; returns the manifest written beside the output."""
+                progress: bool = True, log: Callable[[str], None] = print, reducer=None) -> dict[str, Any]:
+    """Run `request`; returns the manifest written beside the output (on rank 0; {} on other ranks).
+
+    `reducer` is the engine's statistics reducer: a `DistributedReducer` under torchrun (prunekit.distributed),
+    where every rank runs this with the same request and only rank 0 writes.
+    """
     from prunekit import __version__
     from prunekit.adapters import get_adapter
     from prunekit.api import build_plan, check_device, check_run_options, check_widths, peak_memory, versions
+    from prunekit.distributed import agree, backend_name, check_rows
     from prunekit.engine import Engine, EngineOptions, StreamedBlocks
+    from prunekit.engine.reduce import LocalReducer
     from prunekit.engine.state import RunDir
     from prunekit.methods import build_method
     from prunekit.models import open_checkpoint
 
     started = time.perf_counter()
+    reducer = reducer or LocalReducer()
+    rank0 = reducer.rank == 0
+    if not rank0:
+        log = _silent
     check_run_options(request.batch_size, request.device)
     device = check_device(request.device)
     out_dtype_request = parse_dtype(request.dtype, "--dtype")
@@ -133,12 +143,15 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     staging = staging_dir(out)
     fingerprint = {"recipe": _sha(request.fingerprint_fields()), "model": checkpoint.fingerprint(),
                    "versions": _sha({"prunekit": __version__, "torch": torch.__version__,
-                                     "threads": torch.get_num_threads()})}
+                                     "threads": torch.get_num_threads(), "world_size": reducer.world_size})}
+    agree(reducer, fingerprint)
     run_dir = RunDir(staging / "run", fingerprint)
-    resuming = _open_run(run_dir, staging, overwrite=overwrite, resume=resume)
+    resuming = _open_run(run_dir, staging, overwrite=overwrite, resume=resume, reducer=reducer)
     tokenizer = checkpoint.tokenizer()
-    calibrations, provenance = _calibrations(request, pruner, checkpoint, tokenizer, run_dir, resuming, log)
+    calibrations, provenance = _calibrations(request, pruner, checkpoint, tokenizer, run_dir, resuming, log, reducer)
     rows = max((ids.shape[0] for ids in calibrations.values()), default=0)
+    for ids in calibrations.values():
+        check_rows(reducer, ids.shape[0])
     seqlen = max((ids.shape[1] for ids in calibrations.values()), default=0)
 
     source = StreamedBlocks(checkpoint, adapter, device)
@@ -155,7 +168,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
                             activations_dtype=activations_dtype,
                             activations_budget=(request.max_memory - memory.fixed_bytes) if memory.spill else None)
     sinks = _Sinks(staging / "model", source, out_dtype)
-    engine = Engine(source, options=options, run_dir=run_dir, sinks=sinks)
+    engine = Engine(source, options=options, run_dir=run_dir, sinks=sinks, reducer=reducer)
     if structured:
         from prunekit.structured.engine import StructuredProgram
 
@@ -163,6 +176,9 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     else:
         program = pruner.program(plan, adapter, propagate=request.propagate)
     result = engine.run(program, calibrations.get("model"))
+    if not rank0:  # rank 0 writes the output; the others are done
+        reducer.barrier()
+        return {}
 
     replaced, head_records = {}, []
     if request.prune_head:
@@ -178,6 +194,8 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
                       "activations_dtype": str(activations_dtype).removeprefix("torch."),
                       "memory_plan": memory.describe(), "estimate_s": estimate, "io": result.io,
                       "resumed": bool(result.resumed_at), "resumed_at": result.resumed_at},
+        "distributed": {"world_size": reducer.world_size, "backend": backend_name(reducer),
+                        "bytes_all_reduced": result.io["bytes_reduced"], "bytes_broadcast": result.io["bytes_shared"]},
         "memory": peak_memory(),
         "versions": versions(),
     }
@@ -196,32 +214,43 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
                                               "memory": manifest["memory"]})
     publish_dir(staging / "model", out)
     remove_own_dir(staging)
+    reducer.barrier()
     return manifest
+
+
+def _silent(message: str) -> None:
+    """Ranks other than 0 say nothing (rank 0 speaks for the run)."""
 
 
 # -- the run folder -----------------------------------------------------------------------------------------
 
 
-def _open_run(run_dir, staging: Path, *, overwrite: bool, resume: bool | None) -> bool:
+def _open_run(run_dir, staging: Path, *, overwrite: bool, resume: bool | None, reducer) -> bool:
     """Continue a matching interrupted run; with --overwrite, a different one is discarded (it is ours)."""
     try:
         resuming = run_dir.open(resume=resume)
     except PrunekitError:
         if not overwrite or resume or not (staging / ".prunekit-output").is_file():
             raise
-        remove_own_dir(staging)
+        reducer.barrier()  # every rank has read the old record before rank 0 removes it
+        if reducer.rank == 0:
+            remove_own_dir(staging)
+        reducer.barrier()
         resuming = run_dir.open(resume=None)
-    write_marker(staging, "prune (staging)")
+    if reducer.rank == 0:
+        write_marker(staging, "prune (staging)")
+    reducer.barrier()
     return resuming
 
 
 # -- calibration ------------------------------------------------------------------------------------------
 
 
-def _calibrations(request: StreamRequest, pruner, checkpoint, tokenizer, run_dir, resuming: bool, log):
+def _calibrations(request: StreamRequest, pruner, checkpoint, tokenizer, run_dir, resuming: bool, log, reducer):
     """Token ids of every calibration set of the run, saved in the run folder (a `self` sample is drawn once).
 
-    On resume a text source is windowed again and must give the same ids: a changed file is refused.
+    On resume a text source is windowed again and must give the same ids: a changed file is refused. Every rank
+    windows a text source itself (deterministic); a `self` sample is drawn by rank 0 and broadcast.
     """
     if getattr(pruner, "structured", False):
         sources = pruner.calibration_sources()
@@ -239,15 +268,28 @@ def _calibrations(request: StreamRequest, pruner, checkpoint, tokenizer, run_dir
                 if not torch.equal(fresh, ids):
                     raise PrunekitError(f"the calibration of the interrupted run ({source}) differs from its text "
                                         "now; rerun with the same data, or pass --overwrite to start again")
+        elif str(source).strip().lower() == "self" and reducer.world_size > 1:
+            ids, prov = _build_calibration(source, request, checkpoint, tokenizer, name, log) if reducer.rank == 0 \
+                else (torch.zeros(request.nsamples, _seqlen(request, checkpoint), dtype=torch.long), {})
+            reducer.share([ids])
         else:
             ids, prov = _build_calibration(source, request, checkpoint, tokenizer, name, log)
+        if reducer.rank == 0 and not (resuming and saved.is_file()):
             run_dir.save_tensors(saved.name, {"input_ids": ids})
             atomic_write_json(run_dir.folder / f"calibration-{name}.json", prov)
         calibrations[name], provenance[name] = ids, prov
-    run_dir.save()
+    if reducer.rank == 0:
+        run_dir.save()
+    reducer.barrier()
     if list(sources) == ["model"]:
         return calibrations, provenance["model"]
     return calibrations, provenance or None
+
+
+def _seqlen(request: StreamRequest, checkpoint) -> int:
+    from prunekit.data import resolve_seqlen
+
+    return resolve_seqlen(request.seqlen, checkpoint.config)[0]
 
 
 def _build_calibration(source: str, request: StreamRequest, checkpoint, tokenizer, name: str, log):

@@ -131,7 +131,8 @@ def structured_calibrations(method: StructuredMethod, prepare) -> tuple[dict[str
 def prune_structured(model: nn.Module, method: StructuredMethod, *, sparsity: float, pattern: str | None = None,
                      calibration: Any = None, tokenizer: Any = None, nsamples: int = 128, seqlen: int | None = None,
                      seed: int = 0, overrides: dict | None = None, skip: list[str] | None = None,
-                     batch_size: int = 8, device: str = "cpu", progress: bool = True) -> StructuredReport:
+                     batch_size: int = 8, device: str = "cpu", progress: bool = True,
+                     reducer: Any = None) -> StructuredReport:
     """Prune an in-memory `model` in place by removing heads and channels; see `prunekit.prune`."""
     from prunekit.api import peak_memory, prepare_calibration
     from prunekit.engine import Engine, EngineOptions, InMemoryBlocks
@@ -153,7 +154,7 @@ def prune_structured(model: nn.Module, method: StructuredMethod, *, sparsity: fl
 
     program = StructuredProgram(method, structure, sparsity, calibrations, on_plans=keep_dense_blocks)
     engine = Engine(InMemoryBlocks(model, structure.adapter, torch.device(device)),
-                    options=EngineOptions(batch_size=batch_size, device=device, progress=progress))
+                    options=EngineOptions(batch_size=batch_size, device=device, progress=progress), reducer=reducer)
     result = engine.run(program, None)
     setattr(model.config, SPEC_KEY, structure_spec(model, structure))
     timings.update(result.timings)
