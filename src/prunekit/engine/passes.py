@@ -176,13 +176,16 @@ class SequentialPass:
             ctx.gather(observed, update_outputs=keep)
             timings["statistics"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        if ctx.decides:
+        # Data-parallel ranks hold the same all-reduced statistics. A mask-only method decides identically on every
+        # rank (nothing to send); a method that updates weights decides on rank 0 and its weights are broadcast,
+        # since OBS-style updates on GPUs are not bitwise reproducible across devices.
+        broadcast = self.method.updates_weights
+        if ctx.decides or not broadcast:
             for group, modules in wanted:
                 self._prune_group(ctx.prefix, modules, stats.pop(group, None))  # pop: free XᵀX early
         stats.clear()
-        # one decision for all ranks: rank 0's pruned weights (SparseGPT's OBS updates are not bitwise
-        # reproducible across GPUs; Wanda's masks would agree anyway, the cost is one block's linears)
-        ctx.share([weight_matrix(m) for _g, modules in wanted for m in modules.values()])
+        if broadcast:
+            ctx.share([weight_matrix(m) for _g, modules in wanted for m in modules.values()])
         timings["prune"] = time.perf_counter() - t0
         if self.needs_data and self.propagate == "pruned" and not ctx.is_last:
             t0 = time.perf_counter()
