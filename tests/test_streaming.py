@@ -346,3 +346,17 @@ def test_real_streamed_wanda_equals_in_memory(capsys, tmp_path):
     for name, weight in loaded.model.state_dict().items():
         if name in streamed:
             assert torch.equal(streamed[name] == 0, weight == 0), name
+
+
+def test_eval_stream_equals_in_memory(capsys, tmp_path):
+    model = _save(tmp_path / "model")
+    results = []
+    for flag in ("--stream", "--no-stream"):
+        code, out, err = run(capsys, "eval", str(model), "--ppl", str(EMBEDDED), "--seqlen", "64", "--max-windows",
+                             "4", flag, "--json")
+        assert code == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0]["perplexity"] == pytest.approx(results[1]["perplexity"], rel=1e-5)
+    assert "block by block" in results[0]["protocol"] and "block by block" not in results[1]["protocol"]
+    code, _, err = run(capsys, "eval", str(model), "--local-tasks", str(EMBEDDED), "--stream")
+    assert_one_line_error(code, err, "--stream evaluates perplexity only")

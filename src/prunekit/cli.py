@@ -281,15 +281,20 @@ def evaluate(
     save_json: Annotated[Path | None, typer.Option(help="Also write the summary here (e.g. RUN_DIR/eval.json).")
                          ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Perplexity block by block from "
+                                                "disk (default: when the model would not fit in memory).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (streamed perplexity).")] = "cpu",
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Perplexity (pinned protocol), zero-shot tasks (lm-eval) and divergence from a dense model."""
+    from prunekit.api import check_device
     from prunekit.experiments.evaluate import run_evaluation, save_summary
 
+    device = str(check_device(device))
     summary = run_evaluation(model, ppl=ppl, tasks=tasks, local_tasks=local_tasks, local_n=local_n, limit=limit,
                              reference=reference, jsd=jsd, topk=topk, seqlen=seqlen, batch_size=batch_size, bos=bos,
                              max_windows=max_windows, trust_remote_code=trust_remote_code,
-                             log=lambda m: err.print(f"[dim]{m}[/]"))
+                             log=lambda m: err.print(f"[dim]{m}[/]"), stream=stream, device=device)
     if ppl is not None:
         out.print(f"perplexity {summary['perplexity']:.4f} over {summary['tokens']} tokens "
                   f"({summary['windows']} windows of {summary['seqlen']}, bos={summary['bos']})")

@@ -52,8 +52,14 @@ def run_evaluation(
     max_windows: int | None = None,
     trust_remote_code: bool = False,
     log: Any = None,
+    stream: bool | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Evaluate MODEL as asked and return one JSON-able summary (perplexity keys at the top level)."""
+    """Evaluate MODEL as asked and return one JSON-able summary (perplexity keys at the top level).
+
+    `stream` (default: when the model would not fit comfortably in memory) computes the perplexity block by
+    block from disk (prunekit.evaluation.streamed); zero-shot tasks and divergence load the model whole.
+    """
     from prunekit.data import resolve_seqlen
     from prunekit.evaluation import perplexity
     from prunekit.evaluation.divergence import cache_reference, divergence
@@ -63,6 +69,14 @@ def run_evaluation(
     say = log or (lambda message: None)
     names = check_request(ppl, tasks, local_tasks, reference, jsd)
     summary: dict[str, Any] = {"kind": EVAL_KIND}
+    if stream is None:
+        stream = _too_big_for_memory(model, trust_remote_code)
+    if stream:
+        if names or local_tasks is not None or jsd is not None:
+            raise PrunekitError("--stream evaluates perplexity only; zero-shot tasks and --jsd load the model whole "
+                                "(pass --no-stream)")
+        return _streamed_summary(model, ppl, seqlen=seqlen, batch_size=batch_size, bos=bos,
+                                 max_windows=max_windows, device=device, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="prunekit-ref-") as tmp:
         cache = None
         if jsd is not None:
@@ -89,6 +103,34 @@ def run_evaluation(
         summary["zeroshot"] = zeroshot(loaded.model, loaded.tokenizer, names, local_source=local_tasks,
                                        local_n=local_n, batch_size=batch_size, limit=limit).to_dict()
     return summary
+
+
+def _too_big_for_memory(model: str, trust_remote_code: bool) -> bool:
+    """Stream when the model in fp32 would take more than half of the memory available now."""
+    import psutil
+
+    from prunekit.structured.io import structured_spec
+
+    if structured_spec(Path(str(model)).expanduser()) is not None:
+        return False
+    from prunekit.models import open_checkpoint
+
+    try:
+        parameters = open_checkpoint(model, trust_remote_code=trust_remote_code).parameter_count()
+    except PrunekitError:
+        return False  # the in-memory loader gives the one-line error
+    return 4 * parameters > psutil.virtual_memory().available / 2
+
+
+def _streamed_summary(model: str, ppl: str | None, **options: Any) -> dict[str, Any]:
+    from prunekit.data import resolve_seqlen
+    from prunekit.evaluation.streamed import streamed_perplexity
+    from prunekit.models import open_checkpoint
+
+    checkpoint = open_checkpoint(model, trust_remote_code=options.pop("trust_remote_code"))
+    length, note = resolve_seqlen(options.pop("seqlen"), checkpoint.config)
+    result = streamed_perplexity(checkpoint, checkpoint.tokenizer(), ppl, seqlen=length, **options)
+    return {"kind": EVAL_KIND, **result.to_dict(), "model": checkpoint.provenance(), "seqlen_choice": note}
 
 
 def save_summary(summary: dict[str, Any], path: str | Path) -> Path:
