@@ -360,3 +360,29 @@ def test_eval_stream_equals_in_memory(capsys, tmp_path):
     assert "block by block" in results[0]["protocol"] and "block by block" not in results[1]["protocol"]
     code, _, err = run(capsys, "eval", str(model), "--local-tasks", str(EMBEDDED), "--stream")
     assert_one_line_error(code, err, "--stream evaluates perplexity only")
+
+
+def test_compute_dtype(capsys, material, tmp_path):
+    _root, calib = material
+    model = _save(tmp_path / "model")
+    code, _, err = run(capsys, *_args(model, tmp_path / "fp16", calib, "--compute-dtype", "float16"))
+    assert_one_line_error(code, err, "--compute-dtype float16 needs a GPU")
+    code, _, err = run(capsys, *_args(model, tmp_path / "bf16", calib, "--compute-dtype", "bfloat16"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "bf16" / "prunekit.json").read_text())["overall_sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_streamed_equals_cpu(capsys, material, tmp_path):
+    _root, calib = material
+    model = _save(tmp_path / "model")
+    for name, device in (("cpu", "cpu"), ("cuda", "cuda")):
+        code, _, err = run(capsys, *_args(model, tmp_path / name, calib, "--method", "wanda", "--device", device))
+        assert code == 0, err
+    cpu, cuda = _weights_of(tmp_path / "cpu"), _weights_of(tmp_path / "cuda")
+    agreement = min(float(((cpu[k] == 0) == (cuda[k] == 0)).float().mean()) for k in cpu)
+    assert agreement > 0.999
+
+
+def _weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import time
@@ -65,8 +66,12 @@ class PruneReport:
         }
 
 
-def prepare_calibration(calibration, tokenizer, model, *, nsamples: int, seqlen: int | None, seed: int):
-    """Token ids [n, seqlen] and their provenance from a source string, a CalibrationSet or a tensor."""
+def prepare_calibration(calibration, tokenizer, model, *, nsamples: int, seqlen: int | None, seed: int,
+                        device: str = "cpu"):
+    """Token ids [n, seqlen] and their provenance from a source string, a CalibrationSet or a tensor.
+
+    `self` samples with the model on `device` (moved there for the sampling, then back).
+    """
     from prunekit.data import CalibrationSet, build_calibration, resolve_seqlen
 
     if isinstance(calibration, CalibrationSet):
@@ -77,9 +82,24 @@ def prepare_calibration(calibration, tokenizer, model, *, nsamples: int, seqlen:
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to build calibration windows from a text source")
     length, note = resolve_seqlen(seqlen, model.config)
-    calib = build_calibration(calibration or "self", tokenizer, nsamples=nsamples, seqlen=length, seed=seed,
-                              model=model)
-    return calib.input_ids, {**calib.provenance, "seqlen_choice": note}
+    with on_device(model, device if str(calibration or "self").strip().lower() == "self" else None):
+        calib = build_calibration(calibration or "self", tokenizer, nsamples=nsamples, seqlen=length, seed=seed,
+                                  model=model)
+    return calib.input_ids, {**calib.provenance, "seqlen_choice": note, "device": str(device)}
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: str | None):
+    """The whole model on `device` for a while (self-sampling on a GPU), then back where it was."""
+    home = next(model.parameters()).device
+    if device is None or torch.device(device) == home:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
 
 
 def check_run_options(batch_size: int, device: str) -> None:
@@ -157,7 +177,7 @@ def prune(
     if pruner.needs_calibration:
         t0 = time.perf_counter()
         ids, provenance = prepare_calibration(calibration, tokenizer, model, nsamples=nsamples, seqlen=seqlen,
-                                              seed=seed)
+                                              seed=seed, device=device)
         calib_seconds = time.perf_counter() - t0
         if reducer is not None:
             from prunekit.distributed import check_rows

@@ -82,6 +82,8 @@ def prune(
                                                 "for models on disk) or the whole model in memory.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16, float16 (default: the "
                                                    "checkpoint's).")] = None,
+    compute_dtype: Annotated[str | None, typer.Option(help="dtype blocks are computed in: float32 (default), "
+                                                           "bfloat16, float16 (GPU).")] = None,
     activations_dtype: Annotated[str | None, typer.Option(help="dtype of the calibration activations kept "
                                                                "between blocks (default: the model's).")] = None,
     max_memory: Annotated[str | None, typer.Option(help="Memory limit, e.g. 3GB: activations beyond it spill to "
@@ -109,7 +111,7 @@ def prune(
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
         "propagate": propagate, "batch_size": batch_size, "device": device, "stream": stream, "dtype": dtype,
-        "activations_dtype": activations_dtype, "max_memory": max_memory,
+        "compute_dtype": compute_dtype, "activations_dtype": activations_dtype, "max_memory": max_memory,
     })
     if options:
         recipe.options = {**recipe.options, **options}
@@ -119,7 +121,11 @@ def prune(
     build_method(recipe.method, recipe.options)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
     check_run_options(recipe.batch_size, recipe.device)
+    from prunekit.api import check_device
+    from prunekit.streaming.prune import check_compute_dtype
+
     parse_dtype(recipe.dtype, "--dtype")
+    check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), check_device(recipe.device))
     parse_dtype(recipe.activations_dtype, "--activations-dtype")
     limit = parse_size(recipe.max_memory)
     from prunekit.files import check_output_dir
@@ -151,7 +157,8 @@ def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str
         pattern=recipe.pattern, overrides=recipe.overrides, skip=recipe.skip, calib=recipe.calib,
         nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed, propagate=recipe.propagate,
         batch_size=recipe.batch_size, device=recipe.device, prune_head=recipe.prune_head, dtype=recipe.dtype,
-        activations_dtype=recipe.activations_dtype, max_memory=limit, trust_remote_code=trust_remote_code)
+        compute_dtype=recipe.compute_dtype, activations_dtype=recipe.activations_dtype, max_memory=limit,
+        trust_remote_code=trust_remote_code)
     reducer = distributed.start(check_device(recipe.device))
     if reducer.world_size > 1 and ppl:
         raise PrunekitError("--ppl runs once, after a data-parallel run: evaluate with `prunekit eval` instead")
@@ -199,11 +206,12 @@ def _prune_in_memory(recipe, spec: str, ppl: str | None, ppl_seqlen: int, trust_
     from prunekit.api import prune as run_prune
     from prunekit.export import save_model
     from prunekit.models import load_model
-    from prunekit.streaming.prune import parse_dtype
+    from prunekit.streaming.prune import check_compute_dtype, parse_dtype
 
     reducer = distributed.start(check_device(recipe.device))
     started = time.perf_counter()
-    loaded = load_model(spec, trust_remote_code=trust_remote_code)
+    compute = check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), check_device(recipe.device))
+    loaded = load_model(spec, dtype=compute, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - started
     before = _ppl(loaded, ppl, ppl_seqlen) if ppl else None
     report = run_prune(
@@ -354,17 +362,23 @@ def speed(
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens decoded per timing.")] = 128,
     repeats: Annotated[int, typer.Option(help="Timings per model; the median is kept.")] = 3,
     runtime: Annotated[str, typer.Option(
-        help="Comma-separated decode runtimes: eager (generate()), compiled (static cache + torch.compile).")
-                       ] = "eager,compiled",
+        help="Comma-separated decode runtimes: eager (generate()), compiled (static cache + torch.compile), "
+             "semi-structured (CUDA: 2:4 linears on torch's sparse kernels).")] = "eager,compiled",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Weights while timing: float32, bfloat16, float16.")] = "float32",
     save_json: Annotated[Path | None, typer.Option(help="Also write the report here.")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Prefill and greedy-decode tokens/s of each model, and its speed-up over the first, timed interleaved."""
+    from prunekit.api import check_device
     from prunekit.evaluation.speed import check_runtimes, measure_speed, speed_ids
     from prunekit.models import load_model
+    from prunekit.streaming.prune import parse_dtype
 
-    runtimes = check_runtimes([r.strip() for r in runtime.split(",") if r.strip()])
+    device = str(check_device(device))
+    weights_dtype = parse_dtype(dtype, "--dtype")
+    runtimes = check_runtimes([r.strip() for r in runtime.split(",") if r.strip()], device)
     for name, value in (("--prefill-tokens", prefill_tokens), ("--prompt-tokens", prompt_tokens),
                         ("--new-tokens", new_tokens), ("--repeats", repeats), ("--threads", threads or 1)):
         if value < 1:
@@ -375,7 +389,8 @@ def speed(
         import torch
 
         torch.set_num_threads(threads)
-    loaded = {spec: load_model(spec, trust_remote_code=trust_remote_code) for spec in dict.fromkeys(models)}
+    loaded = {spec: load_model(spec, dtype=weights_dtype, trust_remote_code=trust_remote_code)
+              for spec in dict.fromkeys(models)}
     first = next(iter(loaded.values()))
     if text is None:
         with resources.as_file(resources.files("prunekit.data").joinpath("embedded/sotu_2020_2021.txt")) as path:
@@ -384,17 +399,23 @@ def speed(
         ids = speed_ids(text, first.tokenizer, prefill_tokens)
     result = measure_speed({spec: item.model for spec, item in loaded.items()}, ids, prompt_tokens=prompt_tokens,
                            new_tokens=new_tokens, repeats=repeats, runtimes=runtimes,
-                           log=lambda m: err.print(f"[dim]{m}[/]"))
+                           log=lambda m: err.print(f"[dim]{m}[/]"), device=device)
     n_threads = result.protocol["threads"]
     table = Table(title=f"speed: {n_threads} thread{'s' if n_threads != 1 else ''}, prefill 1 x {prefill_tokens}, "
                         f"decode {new_tokens} greedy tokens")
-    columns = ["model", "params (M)", "prefill tok/s", *[f"{r} decode tok/s" for r in runtimes]]
-    for column in columns + (["same tokens"] if len(runtimes) == 2 else []):
+    sparse = "semi-structured" in runtimes
+    columns = ["model", "params (M)", "prefill tok/s", *(["2:4 sparse prefill tok/s"] if sparse else []),
+               *[f"{r} decode tok/s" for r in runtimes]]
+    for column in columns + (["same tokens"] if "compiled" in runtimes else []):
         table.add_column(column, justify="right")
+    dense_prefill = next(iter(result.models.values())).prefill_tok_s
     for spec, row in result.models.items():
         label = Path(spec).name if Path(spec).exists() else spec
-        cells = [label, f"{row.parameters / 1e6:.1f}", f"{row.prefill_tok_s:.0f} (x{row.prefill_speedup:.2f})",
-                 *[f"{row.decode_tok_s[r]:.1f} (x{row.decode_speedup[r]:.2f})" for r in runtimes]]
+        cells = [label, f"{row.parameters / 1e6:.1f}", f"{row.prefill_tok_s:.0f} (x{row.prefill_speedup:.2f})"]
+        if sparse:
+            fast = row.semi_structured_prefill_tok_s
+            cells.append(f"{fast:.0f} (x{fast / dense_prefill:.2f}, {row.semi_structured_linears} linears)")
+        cells += [f"{row.decode_tok_s[r]:.1f} (x{row.decode_speedup[r]:.2f})" for r in runtimes]
         if row.same_tokens_as_eager is not None:
             cells.append("yes" if row.same_tokens_as_eager else "no")
         table.add_row(*cells)

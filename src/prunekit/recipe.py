@@ -30,8 +30,10 @@ class Recipe(BaseModel):
     prune_head: bool = False
     #: Streamed (block by block from disk; the default for models on disk) or loaded whole in memory.
     stream: bool | None = None
-    #: Output dtype (default: the checkpoint's), activations dtype (default: the model's), memory limit ("3GB").
+    #: Output dtype (default: the checkpoint's), compute dtype (default float32), activations dtype (default: the
+    #: model's), memory limit ("3GB").
     dtype: str | None = None
+    compute_dtype: str | None = None
     activations_dtype: str | None = None
     max_memory: str | None = None
     #: Options of the method's typed config, e.g. {"percdamp": 0.01} for sparsegpt.

@@ -8,6 +8,9 @@ Removing heads and channels buys speed only if it is measured the way a model is
 * ``compiled``: a static KV cache and the one-token forward compiled once by ``torch.compile`` (inductor),
   then a plain greedy loop. This is how latency-sensitive serving runs a model, and what the saving is worth
   there. On CPU inductor needs a C++ compiler.
+* ``semi-structured`` (CUDA only): every linear whose weight holds a 2:4 pattern runs on torch's semi-structured
+  sparse kernels (`to_sparse_semi_structured`, fp16/bf16, compute capability 8.0+): the one place where a 2:4
+  model buys speed today. Prefill and eager decode are timed on that copy of the model.
 
 Models are timed interleaved and the median over repeats is kept, because absolute numbers drift on a
 shared machine: the ratios to the baseline are what to read.
@@ -26,27 +29,59 @@ import torch
 
 from prunekit.errors import PrunekitError
 
-RUNTIMES = ("eager", "compiled")
+RUNTIMES = ("eager", "compiled", "semi-structured")
 
 
-def check_runtimes(runtimes: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Validate runtime names, and that `compiled` can build its kernels here."""
+def check_runtimes(runtimes: list[str] | tuple[str, ...], device: str = "cpu") -> tuple[str, ...]:
+    """Validate runtime names, and that each can run here (`eager` is always timed: it is the reference)."""
     if not runtimes:
         raise PrunekitError(f"no runtime given; accepted: {', '.join(RUNTIMES)}")
     for name in runtimes:
         if name not in RUNTIMES:
             raise PrunekitError(f"unknown runtime {name!r}; accepted: {', '.join(RUNTIMES)}")
-    if "compiled" in runtimes and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    on_cpu = torch.device(device).type == "cpu"
+    if "compiled" in runtimes and on_cpu and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise PrunekitError("runtime 'compiled' needs a C++ compiler (g++ or clang++) for torch inductor on CPU; "
                             "install one or use --runtime eager")
-    return tuple(dict.fromkeys(runtimes))
+    if "semi-structured" in runtimes and (on_cpu or not torch.cuda.is_available()):
+        raise PrunekitError("runtime 'semi-structured' needs a CUDA GPU (2:4 sparse tensor cores, compute capability "
+                            "8.0+) and --device cuda; accepted here: eager, compiled")
+    return tuple(dict.fromkeys(["eager", *runtimes]))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def semi_structured_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """A copy of `model` whose 2:4-sparse linears use torch's semi-structured kernels; returns it and the count."""
+    import copy
+
+    from torch.sparse import to_sparse_semi_structured
+
+    from prunekit.pruning.masks import follows_nm
+
+    converted = copy.deepcopy(model)
+    count = 0
+    for module in converted.modules():
+        if isinstance(module, torch.nn.Linear) and follows_nm(module.weight.detach(), 2, 4):
+            try:
+                module.weight = torch.nn.Parameter(to_sparse_semi_structured(module.weight.detach()),
+                                                   requires_grad=False)
+                count += 1
+            except (RuntimeError, ValueError):  # shapes or dtype the kernels do not take: stays dense
+                continue
+    return converted, count
 
 
 @torch.inference_mode()
 def prefill_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:
     """One forward over `ids` that builds the KV cache and keeps the last logits, as generate() does."""
+    _sync(ids.device)
     start = time.perf_counter()
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    _sync(ids.device)
     return time.perf_counter() - start
 
 
@@ -80,14 +115,14 @@ class CompiledDecoder:
     def __call__(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
         from transformers import StaticCache
 
-        length = prompt.shape[1]
+        length, device = prompt.shape[1], prompt.device
         cache = StaticCache(config=self.model.config, max_cache_len=length + new_tokens)
-        out = self.model(input_ids=prompt, cache=cache, cache_position=torch.arange(length),
+        out = self.model(input_ids=prompt, cache=cache, cache_position=torch.arange(length, device=device),
                          use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         produced = [token]
         for step in range(new_tokens - 1):
-            position = torch.tensor([length + step])
+            position = torch.tensor([length + step], device=device)
             logits = self._step(input_ids=token, cache=cache, cache_position=position,
                                 position_ids=position[None], use_cache=True).logits
             token = logits[:, -1].argmax(-1, keepdim=True)
@@ -106,6 +141,9 @@ class ModelSpeed:
     decode_speedup: dict[str, float] = field(default_factory=dict)
     same_tokens_as_eager: bool | None = None
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    #: prefill of the semi-structured copy (CUDA), and how many linears it runs sparse
+    semi_structured_prefill_tok_s: float | None = None
+    semi_structured_linears: int | None = None
 
 
 @dataclass
@@ -121,14 +159,14 @@ class SpeedReport:
 
 
 def measure_speed(models: Mapping[str, torch.nn.Module], ids: torch.Tensor, *, prompt_tokens: int = 32,
-                  new_tokens: int = 128, repeats: int = 3, runtimes: tuple[str, ...] = RUNTIMES,
-                  log: Callable[[str], None] | None = None) -> SpeedReport:
+                  new_tokens: int = 128, repeats: int = 3, runtimes: tuple[str, ...] = ("eager", "compiled"),
+                  log: Callable[[str], None] | None = None, device: str = "cpu") -> SpeedReport:
     """Time prefill of `ids` (1 x n) and greedy decode of `new_tokens` after its first `prompt_tokens`.
 
     The first model is the baseline. Each runtime is warmed up (and compiled) on the exact lengths it is
-    timed on; then every repeat times every model in turn.
+    timed on; then every repeat times every model in turn. Models and ids are moved to `device`.
     """
-    runtimes = check_runtimes(runtimes)
+    runtimes = check_runtimes(runtimes, device)
     if not models:
         raise PrunekitError("no model to time")
     if ids.dim() != 2 or ids.shape[0] != 1:
@@ -139,26 +177,37 @@ def measure_speed(models: Mapping[str, torch.nn.Module], ids: torch.Tensor, *, p
         if value < 1:
             raise PrunekitError(f"{name}={value} must be at least 1")
     say = log or (lambda _message: None)
+    target = torch.device(device)
+    ids = ids.to(target)
     prompt = ids[:, :prompt_tokens]
     decoders: dict[str, dict[str, Callable[[torch.Tensor, int], torch.Tensor]]] = {}
+    sparse: dict[str, tuple[torch.nn.Module, int]] = {}
     same: dict[str, bool | None] = {}
     for name, model in models.items():
-        model.eval()
+        model.eval().to(target)
         decoders[name] = {"eager": lambda p, n, m=model: eager_decode(m, p, n)}
         if "compiled" in runtimes:
             decoders[name]["compiled"] = CompiledDecoder(model)
+        if "semi-structured" in runtimes:
+            sparse[name] = semi_structured_copy(model)
+            decoders[name]["semi-structured"] = lambda p, n, m=sparse[name][0]: eager_decode(m, p, n)
         start = time.perf_counter()
         prefill_seconds(model, ids[:, : min(64, ids.shape[1])])
         tokens = {runtime: decoders[name][runtime](prompt, new_tokens) for runtime in runtimes}
-        same[name] = torch.equal(tokens["eager"], tokens["compiled"]) if len(tokens) == 2 else None
+        same[name] = torch.equal(tokens["eager"], tokens["compiled"]) if "compiled" in tokens else None
         say(f"speed: {name} warmed up in {time.perf_counter() - start:.0f}s")
-    times = {name: {"prefill": [], **{runtime: [] for runtime in runtimes}} for name in models}
+    times = {name: {"prefill": [], "semi-structured prefill": [], **{runtime: [] for runtime in runtimes}}
+             for name in models}
     for repeat in range(repeats):
         for name, model in models.items():
             times[name]["prefill"].append(prefill_seconds(model, ids))
+            if name in sparse:
+                times[name]["semi-structured prefill"].append(prefill_seconds(sparse[name][0], ids))
             for runtime in runtimes:
+                _sync(target)
                 start = time.perf_counter()
                 decoders[name][runtime](prompt, new_tokens)
+                _sync(target)
                 times[name][runtime].append(time.perf_counter() - start)
         say(f"speed: repeat {repeat + 1}/{repeats} done")
     baseline = next(iter(models))
@@ -170,13 +219,16 @@ def measure_speed(models: Mapping[str, torch.nn.Module], ids: torch.Tensor, *, p
             prefill_tok_s=ids.shape[1] / statistics.median(t["prefill"]),
             decode_tok_s={runtime: new_tokens / statistics.median(t[runtime]) for runtime in runtimes},
             same_tokens_as_eager=same[name], seconds=t)
+        if name in sparse:
+            rows[name].semi_structured_prefill_tok_s = ids.shape[1] / statistics.median(t["semi-structured prefill"])
+            rows[name].semi_structured_linears = sparse[name][1]
     for row in rows.values():
         row.prefill_speedup = row.prefill_tok_s / rows[baseline].prefill_tok_s
         row.decode_speedup = {r: row.decode_tok_s[r] / rows[baseline].decode_tok_s[r] for r in runtimes}
     protocol = {"prefill_tokens": ids.shape[1], "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                 "repeats": repeats, "runtimes": list(runtimes), "threads": torch.get_num_threads(),
-                "dtype": str(next(iter(models.values())).dtype).replace("torch.", ""), "statistic": "median",
-                "order": "interleaved"}
+                "device": str(target), "dtype": str(next(iter(models.values())).dtype).replace("torch.", ""),
+                "statistic": "median", "order": "interleaved"}
     return SpeedReport(baseline=baseline, models=rows, protocol=protocol)
 
 

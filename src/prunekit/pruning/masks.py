@@ -73,3 +73,12 @@ def mask_from_scores(scores: torch.Tensor, target: SparsityTarget, group: str = 
     if group == "layer":
         return unstructured_layer_mask(scores, target.sparsity)
     return unstructured_row_mask(scores, target.sparsity)
+
+
+def follows_nm(weight: torch.Tensor, n: int, m: int) -> bool:
+    """True when every run of m consecutive inputs of every row has at least n zeros (the N:M pattern)."""
+    rows, cols = weight.shape[-2], weight.shape[-1]
+    if cols % m:
+        return False
+    zeros = (weight.reshape(rows, cols // m, m) == 0).sum(-1)
+    return bool((zeros >= n).all())

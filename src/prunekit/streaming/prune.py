@@ -48,6 +48,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def check_compute_dtype(dtype: torch.dtype | None, device: torch.device) -> torch.dtype:
+    """fp32 by default; bf16 anywhere; fp16 only on a GPU (CPU kernels for it are slow or missing)."""
+    if dtype is None:
+        return torch.float32
+    if dtype == torch.float16 and device.type == "cpu":
+        raise PrunekitError("--compute-dtype float16 needs a GPU (--device cuda); accepted on CPU: float32, bfloat16")
+    return dtype
+
+
 def parse_dtype(name: str | None, what: str) -> torch.dtype | None:
     if name is None:
         return None
@@ -78,6 +87,7 @@ class StreamRequest:
     device: str = "cpu"
     prune_head: bool = False
     dtype: str | None = None
+    compute_dtype: str | None = None
     activations_dtype: str | None = None
     max_memory: int | None = None
     trust_remote_code: bool = False
@@ -119,6 +129,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     check_run_options(request.batch_size, request.device)
     device = check_device(request.device)
     out_dtype_request = parse_dtype(request.dtype, "--dtype")
+    compute_dtype = check_compute_dtype(parse_dtype(request.compute_dtype, "--compute-dtype"), device)
     activations_request = parse_dtype(request.activations_dtype, "--activations-dtype")
     pruner = build_method(request.method, request.options)
     structured = getattr(pruner, "structured", False)
@@ -146,15 +157,22 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
                                      "threads": torch.get_num_threads(), "world_size": reducer.world_size})}
     agree(reducer, fingerprint)
     run_dir = RunDir(staging / "run", fingerprint)
-    resuming = _open_run(run_dir, staging, overwrite=overwrite, resume=resume, reducer=reducer)
-    tokenizer = checkpoint.tokenizer()
-    calibrations, provenance = _calibrations(request, pruner, checkpoint, tokenizer, run_dir, resuming, log, reducer)
+    created = not staging.exists()
+    try:
+        resuming = _open_run(run_dir, staging, overwrite=overwrite, resume=resume, reducer=reducer)
+        tokenizer = checkpoint.tokenizer()
+        calibrations, provenance = _calibrations(request, pruner, checkpoint, tokenizer, run_dir, resuming, log,
+                                                 reducer)
+    except PrunekitError:
+        if created and rank0:  # bad calibration input: nothing was done, leave nothing behind
+            remove_own_dir(staging)
+        raise
     rows = max((ids.shape[0] for ids in calibrations.values()), default=0)
     for ids in calibrations.values():
         check_rows(reducer, ids.shape[0])
     seqlen = max((ids.shape[1] for ids in calibrations.values()), default=0)
 
-    source = StreamedBlocks(checkpoint, adapter, device)
+    source = StreamedBlocks(checkpoint, adapter, device, compute_dtype)
     memory = plan_memory(source, [statistics_bytes(pruner, adapter)], rows=rows, seqlen=seqlen,
                          batch_size=request.batch_size, activations_dtype=activations_dtype,
                          limit=request.max_memory)
@@ -322,8 +340,11 @@ def _self_calibration(request: StreamRequest, checkpoint, tokenizer, seqlen: int
             f"in memory ({gib(4 * parameters)} in fp32): about {seconds / 3600:.1f} h here; pass a text source "
             f"instead (--calib wikitext2, c4, or a .txt file), or fewer tokens (--nsamples, --seqlen)")
     log(f"sampling calibration text from the model: {tokens:,} tokens, about {seconds / 60:.0f} min")
+    from prunekit.api import check_device
+
     loaded = load_model(checkpoint.resolved.gguf or checkpoint.resolved.folder,
                         trust_remote_code=request.trust_remote_code)
+    loaded.model.to(check_device(request.device))
     calib = build_calibration("self", tokenizer, nsamples=request.nsamples, seqlen=seqlen, seed=request.seed,
                               model=loaded.model)
     del loaded

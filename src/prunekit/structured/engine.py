@@ -12,7 +12,7 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,8 +22,10 @@ from prunekit.errors import PrunekitError
 from prunekit.pruning.target import check_sparsity
 from prunekit.structured.collect import StructuredObserver
 from prunekit.structured.layout import get_structure
-from prunekit.structured.method import StructuredMethod
 from prunekit.structured.shrink import SPEC_KEY, StructurePlan, apply_block, apply_plan, layer_spec, structure_spec
+
+if TYPE_CHECKING:  # the method module imports prunekit.methods, which imports this package
+    from prunekit.structured.method import StructuredMethod
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -144,7 +146,8 @@ def prune_structured(model: nn.Module, method: StructuredMethod, *, sparsity: fl
     params_before = count_parameters(model)
     t0 = time.perf_counter()
     calibrations, provenance = structured_calibrations(method, lambda source: prepare_calibration(
-        calibration if source is None else source, tokenizer, model, nsamples=nsamples, seqlen=seqlen, seed=seed))
+        calibration if source is None else source, tokenizer, model, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        device=device))
     timings: dict[str, float] = {"calibration_data": time.perf_counter() - t0} if calibrations else {}
     kept: dict[str, Any] = {}
 
