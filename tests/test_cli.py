@@ -56,7 +56,7 @@ def test_recipe_file_and_flag_override(capsys, tiny_dir, text_file, tmp_path):
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "prunekit.json").read_text())
     assert manifest["plan"]["default"] == {"sparsity": 0.3, "pattern": "unstructured"}
-    assert manifest["method"]["config"] == {"group": "row"}
+    assert manifest["method"]["config"] == {"group": "row", "count": "reference"}
 
 
 def test_eval_json_last_line(capsys, tiny_dir, text_file):
