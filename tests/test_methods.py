@@ -316,6 +316,36 @@ def test_nm_width_error_before_any_work():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_nm_width_checked_before_calibration(monkeypatch):
+    """`--pattern 2:48` must not cost a calibration run (e.g. self-sampling) before it is refused."""
+    import prunekit.api
+
+    monkeypatch.setattr(prunekit.api, "prepare_calibration",
+                        lambda *a, **k: pytest.fail("calibration was built before the N:M width check"))
+    with pytest.raises(PrunekitError, match=r"M=48 does not divide the input width 64 of layer model\.layers\.0"):
+        prune(build("llama"), method="wanda", pattern="2:48", calibration="self", tokenizer=object(), progress=False)
+
+
+def test_prune_head_with_tied_embeddings_is_refused():
+    model = build("gpt2")  # GPT-2 ties its LM head to the token embeddings
+    before = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(PrunekitError, match="shares its weights with the input embeddings") as info:
+        prune(model, method="magnitude", sparsity=0.5, prune_head=True, progress=False)
+    assert "\n" not in str(info.value)
+    assert torch.equal(model.transformer.wte.weight, before)
+
+
+@pytest.mark.parametrize("options,needle", [({"batch_size": 0}, "batch_size 0 is invalid"),
+                                            ({"seqlen": 0}, "seqlen 0 is invalid"),
+                                            ({"device": "gpu"}, "device 'gpu' is not a device")])
+def test_bad_run_options_before_any_work(monkeypatch, options, needle):
+    import prunekit.api
+
+    monkeypatch.setattr(prunekit.api, "prepare_calibration", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(PrunekitError, match=needle):
+        prune(build("llama"), method="wanda", calibration="self", tokenizer=object(), progress=False, **options)
+
+
 def test_unsupported_architecture():
     from transformers import BertConfig, BertForMaskedLM
 

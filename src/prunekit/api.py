@@ -11,9 +11,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from prunekit.adapters import get_adapter
+from prunekit.adapters import Adapter, get_adapter, weight_matrix
+from prunekit.checks import check_device, check_positive
 from prunekit.engine import EngineOptions, EngineResult, SequentialEngine
+from prunekit.errors import PrunekitError
 from prunekit.methods import build_method
+from prunekit.methods.base import PruningMethod
 from prunekit.pruning import SparsityPlan
 
 
@@ -81,6 +84,32 @@ def prepare_calibration(calibration, tokenizer, model, *, nsamples: int, seqlen:
     return calib.input_ids, {**calib.provenance, "seqlen_choice": note}
 
 
+def check_fits(model: nn.Module, adapter: Adapter, plan: SparsityPlan, pruner: PruningMethod, prune_head: bool
+               ) -> None:
+    """What the model's shapes decide, checked before any calibration: every N:M target divides its layer's
+    input width, and the LM head is prunable when asked (a data-free method, and not tied to the embeddings,
+    which would be pruned with it)."""
+    for index, block in enumerate(adapter.blocks()):
+        prefix = adapter.block_prefix(index)
+        for _group, modules in adapter.block_linears(block):
+            for name, module in modules.items():
+                target = plan.target_for(f"{prefix}.{name}")
+                if target is not None:
+                    target.check_width(weight_matrix(module).shape[1], f"{prefix}.{name}")
+    if not prune_head:
+        return
+    heads = {name: module for name, module in adapter.head_linears().items() if plan.target_for(name) is not None}
+    if heads and pruner.needs_calibration:
+        raise PrunekitError(f"prune_head: the LM head can only be pruned by a data-free method (magnitude), "
+                            f"not {pruner.name}; drop prune_head or use method magnitude")
+    embeddings = {module.weight.data_ptr() for module in adapter.embeddings() if hasattr(module, "weight")}
+    for name, module in heads.items():
+        if module.weight.data_ptr() in embeddings or getattr(model.config, "tie_word_embeddings", False):
+            raise PrunekitError(f"prune_head: {name} shares its weights with the input embeddings "
+                                "(tie_word_embeddings), so pruning it would prune the embeddings too; "
+                                "leave the head unpruned for this model")
+
+
 def prune(
     model: nn.Module,
     *,
@@ -108,6 +137,8 @@ def prune(
     model). The LM head and embeddings are never pruned unless `prune_head=True`.
     """
     started = time.perf_counter()
+    check_positive({"batch_size": batch_size, "nsamples": nsamples, "seqlen": seqlen})
+    check_device(device, "device")
     pruner = build_method(method, method_options)
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
@@ -120,6 +151,7 @@ def prune(
     if not prune_head:
         plan.skip.append("lm_head")
     adapter = get_adapter(model)
+    check_fits(model, adapter, plan, pruner, prune_head)
     options = EngineOptions(propagate=propagate, batch_size=batch_size, device=device, prune_head=prune_head,
                             progress=progress)
     ids, provenance = None, None

@@ -76,6 +76,8 @@ def prune(
     propagate: Annotated[str | None, typer.Option(help="pruned (reference) or dense.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Calibration rows per forward.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda.")] = None,
+    prune_head: Annotated[bool | None, typer.Option(
+        "--prune-head", help="Also prune the LM head (magnitude only; refused when tied to the embeddings).")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Method option key=value (repeatable).")] = None,
     structure: Annotated[str | None, typer.Option(help="Structured methods: UL-UM, UL-MM, AL-MM, AL-AM.")] = None,
     metric: Annotated[str | None, typer.Option(help="flap/seap score: IFV, WIFV or WIFN.")] = None,
@@ -87,6 +89,7 @@ def prune(
     """Prune MODEL and save an HF folder plus prunekit.json."""
     from prunekit.api import prune as run_prune
     from prunekit.api import versions
+    from prunekit.checks import check_device, check_positive
     from prunekit.export import check_output_dir, save_model
     from prunekit.methods import build_method
     from prunekit.models import load_model
@@ -99,13 +102,16 @@ def prune(
         "model": model, "method": method,
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
-        "propagate": propagate, "batch_size": batch_size, "device": device,
+        "propagate": propagate, "batch_size": batch_size, "device": device, "prune_head": prune_head,
     })
     if options:
         recipe.options = {**recipe.options, **options}
     if recipe.out is None:
         raise PrunekitError("no output folder: pass --out DIR (or 'out:' in the recipe)")
     # validate everything cheap before loading anything
+    check_positive({"--batch-size": recipe.batch_size, "--nsamples": recipe.nsamples, "--seqlen": recipe.seqlen,
+                    "--ppl-seqlen": ppl_seqlen})
+    check_device(recipe.device)
     build_method(recipe.method, recipe.options)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
     check_output_dir(recipe.out, recipe.overwrite)
@@ -182,12 +188,20 @@ def evaluate(
     topk: Annotated[int, typer.Option(help="Dense log-probs cached per token for --jsd (>= vocab: exact).")] = 1024,
     save_json: Annotated[Path | None, typer.Option(help="Also write the summary here (e.g. RUN_DIR/eval.json).")
                          ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier prunekit --save-json file.")
+                         ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Perplexity (pinned protocol), zero-shot tasks (lm-eval) and divergence from a dense model."""
+    from prunekit.checks import check_positive
     from prunekit.experiments.evaluate import run_evaluation, save_summary
+    from prunekit.files import check_output_file
 
+    check_positive({"--seqlen": seqlen, "--batch-size": batch_size, "--max-windows": max_windows,
+                    "--local-n": local_n, "--topk": topk, "--limit": limit})
+    if save_json is not None:
+        check_output_file(save_json, overwrite)
     summary = run_evaluation(model, ppl=ppl, tasks=tasks, local_tasks=local_tasks, local_n=local_n, limit=limit,
                              reference=reference, jsd=jsd, topk=topk, seqlen=seqlen, batch_size=batch_size, bos=bos,
                              max_windows=max_windows, trust_remote_code=trust_remote_code,
@@ -204,7 +218,7 @@ def evaluate(
         metrics = ", ".join(f"{m} {task[m]:.4f}" for m in ("acc", "acc_norm", "perplexity") if task.get(m) is not None)
         out.print(f"{name} (v{task.get('version')}, n={task.get('n')}): {metrics}")
     if save_json is not None:
-        save_summary(summary, save_json)
+        save_summary(summary, save_json, overwrite=overwrite)
     if as_json:
         print(json.dumps(summary, default=str))
 
@@ -255,11 +269,17 @@ def speed(
                        ] = "eager,compiled",
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's choice).")] = None,
     save_json: Annotated[Path | None, typer.Option(help="Also write the report here.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier prunekit --save-json file.")
+                         ] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Prefill and greedy-decode tokens/s of each model, and its speed-up over the first, timed interleaved."""
     from prunekit.evaluation.speed import check_runtimes, measure_speed, speed_ids
+    from prunekit.files import check_output_file
     from prunekit.models import load_model
+
+    if save_json is not None:
+        check_output_file(save_json, overwrite)
 
     runtimes = check_runtimes([r.strip() for r in runtime.split(",") if r.strip()])
     for name, value in (("--prefill-tokens", prefill_tokens), ("--prompt-tokens", prompt_tokens),
@@ -300,9 +320,9 @@ def speed(
         from prunekit.api import versions
         from prunekit.experiments.evaluate import save_summary
 
-        summary = result.to_dict()
+        summary = {"kind": "prunekit.speed", **result.to_dict()}
         summary["protocol"].update(text=text or "embedded sotu_2020_2021.txt", versions=versions())
-        save_summary(summary, save_json)
+        save_summary(summary, save_json, overwrite=overwrite)
 
 
 @app.command()
@@ -325,11 +345,12 @@ def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="prunekit prune / sweep output folders.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report folder (index.html, report.md, plots/).")],
     title: Annotated[str, typer.Option(help="Page title.")] = "prunekit report",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier report in --out.")] = False,
 ) -> None:
     """Markdown + offline HTML comparison of pruning runs, with plots."""
     from prunekit.report import build_report
 
-    page = build_report(run_dirs, out_dir, title=title)
+    page = build_report(run_dirs, out_dir, title=title, overwrite=overwrite)
     out.print(f"wrote {page} and {page.with_name('report.md')}")
 
 

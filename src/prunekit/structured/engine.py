@@ -8,7 +8,7 @@ the CLI can save one model per SEAP task.
 from __future__ import annotations
 
 import copy
-import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,15 +148,21 @@ def save_outputs(report: StructuredReport, model: nn.Module, tokenizer: Any, out
     if names is None and "outputs" in config:  # seap: all, tasks or general
         tasks = [name for name in report.plans if name in config.get("tasks", {})]
         names = {"all": list(report.plans), "tasks": tasks, "general": ["general"]}[config["outputs"]]
+    from prunekit.files import MANIFEST, atomic_write_json, new_staging_dir, publish_dir
+
     root = check_output_dir(out, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in names or list(report.plans):
-        pruned = model_for_plan(report, model, name)
-        entry = {**manifest, "task_model": name, "overall_sparsity": report.plans[name].achieved}
-        paths.append(save_model(pruned, tokenizer, root / name, entry, overwrite=True))
-        del pruned
-    (root / "prunekit.json").write_text(json.dumps(
-        {**manifest, "task_models": [str(p.name) for p in paths]},
-        indent=2, default=str) + "\n")
+    staging = new_staging_dir(root)  # every task model is written, then the folder appears at once
+    try:
+        paths = []
+        for name in names or list(report.plans):
+            pruned = model_for_plan(report, model, name)
+            entry = {**manifest, "task_model": name, "overall_sparsity": report.plans[name].achieved}
+            save_model(pruned, tokenizer, staging / name, entry)
+            paths.append(root / name)
+            del pruned
+        atomic_write_json(staging / MANIFEST, {**manifest, "task_models": [p.name for p in paths]})
+        publish_dir(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return paths
