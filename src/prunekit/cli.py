@@ -280,7 +280,6 @@ def speed(
 
     if save_json is not None:
         check_output_file(save_json, overwrite)
-
     runtimes = check_runtimes([r.strip() for r in runtime.split(",") if r.strip()])
     for name, value in (("--prefill-tokens", prefill_tokens), ("--prompt-tokens", prompt_tokens),
                         ("--new-tokens", new_tokens), ("--repeats", repeats), ("--threads", threads or 1)):
