@@ -118,7 +118,7 @@ def main() -> None:
                          seqlen=args.seqlen, max_windows=args.max_windows, calibration=calibration,
                          evaluation=evaluation, batch_size=8, seed=seed, topk=args.topk)
         matrices.append(sweep_for_seed(grid, folder))
-    report = build_report(folders, args.out / "report", title="Calibration domains: SmolLM2-135M, "
+    report = build_report(folders, args.out / "report", overwrite=True, title="Calibration domains: SmolLM2-135M, "
                           f"{args.method} {args.sparsity:.0%}")
     setup = {
         "model": "smollm2-135m (SmolLM2-135M-Instruct)", "method": args.method, "sparsity": args.sparsity,

@@ -1,8 +1,9 @@
-"""Shared fixtures: the real SmolLM2 model (cached once), real text, tiny tokenizers."""
+"""Shared fixtures: the real SmolLM2 model (cached once), real text (embedded in the package), tiny tokenizers."""
 
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,21 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def sotu(shared_data) -> Path:
-    return shared_data / "corpora" / "sotu"
+def embedded_sotu() -> Path:
+    """The 2020 and 2021 State of the Union addresses shipped inside the package: real text in every clone."""
+    return Path(str(resources.files("prunekit.data").joinpath("embedded/sotu_2020_2021.txt")))
+
+
+@pytest.fixture(scope="session")
+def sotu(embedded_sotu, tmp_path_factory) -> Path:
+    """A folder with train.txt (the 2020 address, ~7.3 k SmolLM2 tokens) and test.txt (2021, ~10.4 k): real,
+    disjoint calibration and evaluation text from the package, so the quality tests run without ../shared/data."""
+    addresses = embedded_sotu.read_text(encoding="utf-8").split("\n\n")
+    assert len(addresses) == 2, "the embedded text holds the 2020 and the 2021 address"
+    folder = tmp_path_factory.mktemp("sotu")
+    (folder / "train.txt").write_text(addresses[0], encoding="utf-8")
+    (folder / "test.txt").write_text(addresses[1], encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="session")

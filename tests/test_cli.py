@@ -56,7 +56,7 @@ def test_recipe_file_and_flag_override(capsys, tiny_dir, text_file, tmp_path):
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "prunekit.json").read_text())
     assert manifest["plan"]["default"] == {"sparsity": 0.3, "pattern": "unstructured"}
-    assert manifest["method"]["config"] == {"group": "row"}
+    assert manifest["method"]["config"] == {"group": "row", "count": "reference"}
 
 
 def test_eval_json_last_line(capsys, tiny_dir, text_file):
@@ -181,3 +181,93 @@ def test_no_half_written_output_on_crash(tiny_dir, tmp_path, monkeypatch):
         save_module.save_model(model, None, tmp_path / "out", {})
     assert list(tmp_path.iterdir()) == []
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """A bad option must be caught before any model is loaded: loading one fails the test."""
+    import prunekit.models
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the bad option was caught")
+
+    monkeypatch.setattr(prunekit.models, "load_model", refuse)
+
+
+EARLY_BAD_OPTIONS = [
+    ("prune batch size 0", ["prune", "--batch-size", "0"], "--batch-size 0 is invalid"),
+    ("prune batch size negative", ["prune", "--batch-size", "-3"], "--batch-size -3 is invalid"),
+    ("prune seqlen 0", ["prune", "--seqlen", "0"], "--seqlen 0 is invalid"),
+    ("prune nsamples 0", ["prune", "--nsamples", "0"], "--nsamples 0 is invalid"),
+    ("prune device gpu", ["prune", "--device", "gpu"], "--device 'gpu' is not a device"),
+    ("prune device cuda without CUDA", ["prune", "--device", "cuda"], "CUDA is not available"),
+    ("eval seqlen 0", ["eval", "--ppl", "x.txt", "--seqlen", "0"], "--seqlen 0 is invalid"),
+    ("eval batch size 0", ["eval", "--ppl", "x.txt", "--batch-size", "0"], "--batch-size 0 is invalid"),
+]
+
+
+@pytest.mark.parametrize("label,args,needle", EARLY_BAD_OPTIONS, ids=[b[0] for b in EARLY_BAD_OPTIONS])
+def test_bad_option_before_any_model_is_loaded(capsys, tiny_dir, tmp_path, no_model_load, label, args, needle):
+    if "without CUDA" in label and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    command, *extra = args
+    out = ["--out", tmp_path / "out"] if command == "prune" else []
+    code, _, err = run(capsys, command, tiny_dir, *out, *extra)
+    assert_one_line_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def tied_llama(folder: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=True)
+                     ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_prune_head_refused_on_tied_embeddings(capsys, tmp_path):
+    """Pruning a head tied to the input embeddings would silently prune the embeddings too: one line instead."""
+    model = tied_llama(tmp_path / "tied")
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "prune", model, "--method", "magnitude", "--prune-head", "--out", out)
+    assert_one_line_error(code, err, "lm_head shares its weights with the input embeddings")
+    assert not out.exists()
+
+
+def test_prune_head_on_untied_model(capsys, tiny_dir, text_file, tmp_path):
+    code, _, err = run(capsys, "prune", tiny_dir, "--method", "wanda", "--prune-head", "--calib", text_file,
+                       "--nsamples", "2", "--seqlen", "16", "--out", tmp_path / "w")
+    assert_one_line_error(code, err, "only be pruned by a data-free method")  # before calibration, not after it
+    code, _, err = run(capsys, "prune", tiny_dir, "--method", "magnitude", "--prune-head", "--out", tmp_path / "m")
+    assert code == 0, err
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert (reloaded.lm_head.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+    assert not (reloaded.model.embed_tokens.weight == 0).any()
+
+
+def test_eval_save_json_replaces_only_its_own_summary(capsys, tiny_dir, text_file, tmp_path, monkeypatch):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    args = ["eval", tiny_dir, "--ppl", text_file, "--seqlen", "32"]
+    with monkeypatch.context() as patch:
+        import prunekit.models
+
+        patch.setattr(prunekit.models, "load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+        code, _, err = run(capsys, *args, "--save-json", notes)
+        assert_one_line_error(code, err, "already exists; pass --overwrite")
+        code, _, err = run(capsys, *args, "--save-json", notes, "--overwrite")
+        assert_one_line_error(code, err, "refusing to overwrite")
+    assert notes.read_text() == '{"mine": true}'
+    summary = tmp_path / "run" / "eval.json"
+    code, _, err = run(capsys, *args, "--save-json", summary)
+    assert code == 0, err
+    code, _, err = run(capsys, *args, "--save-json", summary)
+    assert_one_line_error(code, err, "already exists; pass --overwrite")
+    code, _, err = run(capsys, *args, "--save-json", summary, "--overwrite")
+    assert code == 0, err
+    assert json.loads(summary.read_text())["kind"] == "prunekit.eval"
+    assert sorted(p.name for p in summary.parent.iterdir()) == ["eval.json"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,22 +83,65 @@ def test_streamed_equals_exact_and_perplexity_protocol(tok, docs, pair, tmp_path
     assert sum(exact.histogram["counts"]) == exact.tokens
 
 
-def test_token_divergences_symmetric_and_bounded():
-    torch.manual_seed(0)
-    a = torch.log_softmax(torch.randn(50, 20) * 3, -1)
-    b = torch.log_softmax(torch.randn(50, 20) * 3, -1)
-    full = torch.arange(20).expand(50, 20)
-    rest = torch.full((50,), float("-inf"))
-    jab, kab, _ = token_divergences(a.gather(-1, full), full, rest, b)
-    jba, _, _ = token_divergences(b.gather(-1, full), full, rest, a)
-    assert torch.allclose(jab, jba, atol=1e-10)
-    assert (jab >= 0).all() and (jab <= math.log(2) + 1e-12).all() and (kab >= 0).all()
-    # disjoint supports reach ln 2
-    p = torch.log(torch.tensor([[1.0, 0.0]]).clamp_min(0))
-    q = torch.log(torch.tensor([[0.0, 1.0]]).clamp_min(0))
+def naive_jsd_kl(p: list[float], q: list[float]) -> tuple[float, float]:
+    """JSD(P, Q) and KL(P || Q) in nats from their definitions, in Python floats (float64); 0 · log 0 = 0."""
+    m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+
+    def kl(x: list[float], y: list[float]) -> float:
+        return sum(a * math.log(a / b) for a, b in zip(x, y, strict=True) if a > 0)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m), kl(p, q)
+
+
+def test_token_divergences_match_float64_definitions():
+    """Per-token JSD and KL against the definitions on a 12-token vocabulary: exact with the full distribution,
+    and on the coarsened distributions {P's top-k tokens, one bucket for the rest} with a top-k cache."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, tokens = 12, 30
+    p_logits = torch.randn(tokens, vocab, generator=generator, dtype=torch.float64) * 3
+    p_logits[:5, :4] = float("-inf")  # tokens P gives probability 0
+    lp = torch.log_softmax(p_logits, -1)
+    lq = torch.log_softmax(torch.randn(tokens, vocab, generator=generator, dtype=torch.float64) * 3, -1)
+    for k in (vocab, 4):
+        top, index = lp.topk(k, dim=-1)
+        rest = (lp.scatter(-1, index, float("-inf")).logsumexp(-1) if k < vocab
+                else torch.full((tokens,), float("-inf"), dtype=torch.float64))
+        jsd, kl, _ = token_divergences(top, index.to(torch.int32), rest, lq)
+        for t in range(tokens):
+            chosen = index[t].tolist()
+            others = [j for j in range(vocab) if j not in chosen]
+            p = [math.exp(lp[t, j]) for j in chosen] + [sum(math.exp(lp[t, j]) for j in others)]
+            q = [math.exp(lq[t, j]) for j in chosen] + [sum(math.exp(lq[t, j]) for j in others)]
+            want_jsd, want_kl = naive_jsd_kl(p, q)
+            assert float(jsd[t]) == pytest.approx(want_jsd, rel=1e-9, abs=1e-12), (k, t)
+            assert float(kl[t]) == pytest.approx(want_kl, rel=1e-9, abs=1e-12), (k, t)
+    # identical distributions give 0, disjoint supports ln 2
+    full = torch.arange(vocab).expand(2, vocab)
+    same, _, _ = token_divergences(lq[:2], full, torch.full((2,), float("-inf")), lq[:2])
+    assert torch.allclose(same, torch.zeros(2, dtype=torch.float64), atol=1e-15)
     idx = torch.tensor([[0, 1]])
-    j, _, _ = token_divergences(p.gather(-1, idx), idx, torch.tensor([float("-inf")]), q)
-    assert float(j) == pytest.approx(math.log(2))
+    p = torch.log(torch.tensor([[1.0, 0.0]]))
+    q = torch.log(torch.tensor([[0.0, 1.0]]))
+    j, _, _ = token_divergences(p, idx, torch.tensor([float("-inf")]), q)
+    assert float(j) == pytest.approx(math.log(2), rel=1e-12)
+
+
+def test_interrupted_cache_leaves_nothing(tok, docs, pair, tmp_path, monkeypatch):
+    """The batches, then the windows, then meta.json; a failure before the end leaves no cache and no staging."""
+    div = importlib.import_module("prunekit.evaluation.divergence")  # the package exports a function of that name
+    written, real = [], div.atomic_save_tensors
+
+    def fail_on_windows(tensors, path, **kwargs):
+        written.append(Path(path).name)
+        if Path(path).name == "windows.safetensors":
+            raise OSError("disk full")
+        return real(tensors, path, **kwargs)
+
+    monkeypatch.setattr(div, "atomic_save_tensors", fail_on_windows)
+    with pytest.raises(OSError, match="disk full"):
+        cache_reference(pair[0], tok, docs, tmp_path / "c", seqlen=32, batch_size=4, topk=8, max_windows=5)
+    assert written == ["batch_00000.safetensors", "batch_00001.safetensors", "windows.safetensors"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cache_is_compact_and_checked(tok, docs, pair, tmp_path):

@@ -36,18 +36,54 @@ def naive_nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask
 
 
+def naive_wanda_reference_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Wanda's reference (locuslab/wanda lib/prune.py): sort each row, prune its first int(in_features * s)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    k = int(scores.shape[1] * sparsity)
+    for r in range(scores.shape[0]):
+        values = scores[r].tolist()
+        for j in sorted(range(len(values)), key=lambda j: (values[j], j))[:k]:
+            mask[r, j] = True
+    return mask
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.7])
+@pytest.mark.parametrize("cols", [576, 1536, 37])
+def test_row_mask_default_is_the_reference_count(sparsity, cols):
+    """The default per-row rule is the reference's: int(in_features * s) in every row, at every sparsity."""
+    scores = torch.rand(12, cols, generator=torch.Generator().manual_seed(cols))
+    mask = unstructured_row_mask(scores, sparsity)
+    assert torch.equal(mask, naive_wanda_reference_mask(scores, sparsity))
+    assert torch.all(mask.sum(1) == int(cols * sparsity))
+
+
+def test_reference_and_exact_total_counts_differ_off_half():
+    """At 30 % of 576 inputs the reference prunes 172 per row; the exact total would give most rows 173."""
+    assert row_counts(576, 576, 0.3).unique().tolist() == [172]
+    exact = row_counts(576, 576, 0.3, "exact-total")
+    assert int(exact.sum()) == round(0.3 * 576 * 576) and int((exact == 173).sum()) == 461
+
+
+@pytest.mark.parametrize("rows,cols", [(576, 576), (192, 576), (1536, 576), (576, 1536), (7, 64)])
+def test_counts_agree_at_half_on_even_widths(rows, cols):
+    """At 50 % on an even width both rules prune the same weights: the classic 50 % results stand."""
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
+    assert torch.equal(row_counts(rows, cols, 0.5), row_counts(rows, cols, 0.5, "exact-total"))
+    assert torch.equal(unstructured_row_mask(scores, 0.5), unstructured_row_mask(scores, 0.5, "exact-total"))
+
+
 @pytest.mark.parametrize("rows,cols,sparsity", [(7, 13, 0.5), (16, 24, 0.3), (5, 64, 0.9), (3, 10, 0.0)])
-def test_row_counts_are_exact(rows, cols, sparsity):
-    counts = row_counts(rows, cols, sparsity)
+def test_exact_total_counts(rows, cols, sparsity):
+    counts = row_counts(rows, cols, sparsity, "exact-total")
     assert int(counts.sum()) == round(sparsity * rows * cols)
     assert int(counts.max() - counts.min()) <= 1
 
 
 @pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.77])
-def test_row_mask_matches_naive(sparsity):
+def test_exact_total_row_mask_matches_naive(sparsity):
     scores = torch.rand(9, 40, generator=torch.Generator().manual_seed(0))
-    counts = row_counts(9, 40, sparsity).tolist()
-    assert torch.equal(unstructured_row_mask(scores, sparsity), naive_row_mask(scores, counts))
+    counts = row_counts(9, 40, sparsity, "exact-total").tolist()
+    assert torch.equal(unstructured_row_mask(scores, sparsity, "exact-total"), naive_row_mask(scores, counts))
 
 
 def test_layer_mask_matches_naive():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from safetensors.torch import save_file
 from prunekit.errors import PrunekitError
 from prunekit.evaluation import PerplexityResult, perplexity
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORD_TEXT = (
     "the of and to a in that is was he for it with as his on be at by this had not are but from or have "
     "an they which one you were her all she there would their we him been has when who will more no if "
@@ -97,14 +95,6 @@ def stream(tok, docs) -> torch.Tensor:
     return torch.tensor(tok("\n\n".join(docs), add_special_tokens=False)["input_ids"])
 
 
-@pytest.fixture(scope="module")
-def sotu() -> Path:
-    path = SHARED_DATA / "corpora" / "sotu"
-    if not (path / "test.txt").is_file():
-        pytest.skip(f"shared data not present at {path}")
-    return path
-
-
 def one_line_error(excinfo: pytest.ExceptionInfo) -> str:
     msg = str(excinfo.value)
     assert msg and "\n" not in msg, msg
@@ -170,14 +160,14 @@ def test_txt_source_and_safetensors(tmp_path, model, tok, docs, stream):
     assert "seqlen 64, not the requested 32" in one_line_error(e)
 
 
-def test_real_text(sotu):
-    text = (sotu / "test.txt").read_text(encoding="utf-8")
+def test_real_text(embedded_sotu):
+    text = embedded_sotu.read_text(encoding="utf-8")
     tok = make_tokenizer([text[:200_000]])
     model = tiny_llama(tok)
-    res = perplexity(model, tok, str(sotu / "test.txt"), seqlen=128, max_windows=4)
+    res = perplexity(model, tok, str(embedded_sotu), seqlen=128, max_windows=4)
     assert res.windows == 4 and res.tokens == 4 * 127
     assert math.isfinite(res.perplexity) and res.perplexity > 1
-    assert res.source["documents"] == 22
+    assert res.source["documents"] == 2
 
 
 @pytest.mark.parametrize(

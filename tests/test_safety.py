@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from prunekit.errors import PrunekitError
+from prunekit.files import MARKER
 from prunekit.safety import data, judges, stats
 from prunekit.safety.analysis import attention_to_span, prompt_perplexities
 from prunekit.safety.generate import encode, format_message, generate, resolve_mode
@@ -306,6 +307,9 @@ def test_cli_safety_reference(capsys, tmp_path, tiny_chat_dir, small_tasks):
     (["--templates", "NOPE"], "unknown template 'NOPE'"),
     (["--format", "chat", "--plain-model"], "no chat template"),
     (["--sparsities", "1.5"], "must lie in (0, 1)"),
+    (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--batch-size", "0"], "--batch-size 0 is invalid"),
+    (["--seqlen", "0", "--sparsities", "0.1"], "--seqlen 0 is invalid"),
 ])
 def test_cli_safety_errors(capsys, tmp_path, tiny_chat_dir, small_tasks, extra, needle):
     model = tiny_chat_dir
@@ -317,6 +321,25 @@ def test_cli_safety_errors(capsys, tmp_path, tiny_chat_dir, small_tasks, extra, 
         tok.save_pretrained(model)
     code, _, err = run(capsys, "safety", model, "--tasks", small_tasks, *extra, "--out", tmp_path / "o")
     assert_one_line_error(code, err, needle)
+
+
+def test_cli_safety_overwrites_only_its_own_output(capsys, tmp_path, tiny_chat_dir, small_tasks):
+    args = ["safety", tiny_chat_dir, "--tasks", small_tasks, "--templates", "ORIGINAL", "--max-new-tokens", "2"]
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, *args, "--out", project, "--overwrite")
+    assert_one_line_error(code, err, "refusing to overwrite")
+    assert (project / "notes.txt").read_text() == "mine"
+    out = tmp_path / "run"
+    code, _, err = run(capsys, *args, "--out", out)
+    assert code == 0, err
+    assert (out / MARKER).is_file()
+    code, _, err = run(capsys, *args, "--out", out)
+    assert_one_line_error(code, err, "already exists; pass --overwrite")
+    code, _, err = run(capsys, *args, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "run"]  # no staging folder left
 
 
 def test_cli_safety_bad_files(capsys, tmp_path, tiny_chat_dir):

@@ -109,6 +109,71 @@ def test_baselines_and_magnitude_needs_no_data():
     check_valid(model)
 
 
+def reference_channel_metric(metric: str, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """FLAP's reference metrics (CASIA-IVA-Lab/FLAP lib/prune.py) per input channel, in float64 from raw inputs."""
+    w, x = weight.double(), x.double()
+    if metric == "IFV":
+        return x.var(0)
+    if metric == "WIFV":
+        return x.var(0) * w.square().sum(0)
+    if metric in ("WIFN", "wanda-sp"):
+        return (w.abs() * x.norm(dim=0)).mean(0)
+    return w.norm(dim=0)  # magnitude-sp
+
+
+def standardized(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.mean()) / v.std()
+
+
+@pytest.fixture(scope="module")
+def mha_model_and_inputs():
+    """A 3-layer model without GQA (as the reference's LLaMA-1), its statistics and the raw projection inputs."""
+    from prunekit.structured import collect_statistics
+
+    model = deep_llama(layers=3, heads=4, kv=4)
+    ids = random_ids(8, 32)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = [module.register_forward_pre_hook(lambda _m, a, n=name: inputs.setdefault(n, []).append(
+        a[0].reshape(-1, a[0].shape[-1]))) for name, module in model.named_modules()
+        if name.endswith(("o_proj", "down_proj"))]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    stats, _ = collect_statistics(model, get_structure(model), ids, batch_size=4, progress=False)
+    return model, stats, {name: torch.cat(v) for name, v in inputs.items()}
+
+
+@pytest.mark.parametrize("metric", ["IFV", "WIFV", "WIFN"])
+def test_flap_scores_match_the_reference(mha_model_and_inputs, metric):
+    """Heads: the attention metric squared, standardised over the layer, averaged per head; channels: standardised."""
+    model, stats, inputs = mha_model_and_inputs
+    structure = get_structure(model)
+    attn, mlp = build_method("flap", {"metric": metric}).units(structure, stats)
+    for i, block in enumerate(structure.blocks()):
+        x_attn, x_mlp = inputs[f"model.layers.{i}.self_attn.o_proj"], inputs[f"model.layers.{i}.mlp.down_proj"]
+        heads = standardized(reference_channel_metric(metric, block.self_attn.o_proj.weight, x_attn).square())
+        heads = heads.view(4, -1).mean(1)
+        torch.testing.assert_close(attn[i].scores.double(), heads.sort().values, rtol=1e-4, atol=1e-5)
+        assert [h for unit in attn[i].heads for h in unit] == heads.argsort().tolist()
+        channels = standardized(reference_channel_metric(metric, block.mlp.down_proj.weight, x_mlp))
+        torch.testing.assert_close(mlp[i].scores.double(), channels.sort().values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "magnitude-sp"])
+def test_uniform_baselines_rank_as_the_reference(mha_model_and_inputs, method):
+    """wanda-sp / magnitude-sp: a head's rank is the rank of the sum of its raw channel scores (reference)."""
+    model, stats, inputs = mha_model_and_inputs
+    structure = get_structure(model)
+    attn, mlp = build_method(method).units(structure, stats)
+    for i, block in enumerate(structure.blocks()):
+        x_attn, x_mlp = inputs[f"model.layers.{i}.self_attn.o_proj"], inputs[f"model.layers.{i}.mlp.down_proj"]
+        heads = reference_channel_metric(method, block.self_attn.o_proj.weight, x_attn).view(4, -1).sum(1)
+        assert [h for unit in attn[i].heads for h in unit] == heads.argsort().tolist()
+        channels = reference_channel_metric(method, block.mlp.down_proj.weight, x_mlp)
+        assert mlp[i].channels == channels.argsort().tolist()
+
+
 def test_logistic_schedule_hits_the_target_and_protects_the_ends():
     model = deep_llama(layers=8)
     structure = get_structure(model)

@@ -6,12 +6,14 @@ import json
 import math
 import random
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from prunekit.experiments.sweep import diagonal_summary, format_matrix
+from prunekit.experiments.sweep import diagonal_summary, format_matrix, load_grid, run_sweep
+from prunekit.files import MARKER
 from tiny import WORDS, assert_one_line_error, run, save_tiny_llama
 
 # two "domains": different halves of the toy vocabulary
@@ -99,7 +101,44 @@ def _referenced(page: str, pattern: str) -> list[str]:
     return re.findall(pattern, page)
 
 
-def test_report_page_and_images(capsys, tmp_path, tiny_dir, texts, sweep_dir, shared_data):
+def test_sweep_overwrite_replaces_only_prunekit_outputs(capsys, tmp_path, texts, sweep_dir):
+    assert (sweep_dir / MARKER).is_file()
+    grid = texts / "grid.yaml"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "thesis.tex").write_text("years of work")
+    code, _, err = run(capsys, "sweep", grid, "--out", project, "--overwrite")
+    assert_one_line_error(code, err, "refusing to overwrite")
+    assert (project / "thesis.tex").read_text() == "years of work"
+    earlier = tmp_path / "earlier"
+    shutil.copytree(sweep_dir, earlier)
+    (earlier / "matrix.json").write_text("stale")
+    code, _, err = run(capsys, "sweep", grid, "--out", earlier)
+    assert_one_line_error(code, err, "already exists; pass --overwrite")
+    code, _, err = run(capsys, "sweep", grid, "--out", earlier, "--overwrite")
+    assert code == 0, err
+    assert json.loads((earlier / "matrix.json").read_text())["kind"] == "prunekit.sweep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "project"]  # no staging folder left
+
+
+def test_interrupted_sweep_leaves_nothing(tmp_path, texts, sweep_dir, monkeypatch):
+    import prunekit.api
+
+    real, calls = prunekit.api.prune, []
+
+    def second_run_dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prunekit.api, "prune", second_run_dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_sweep(load_grid(texts / "grid.yaml"), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # neither a half-written sweep nor its staging folder
+
+
+def test_report_page_and_images(capsys, tmp_path, tiny_dir, texts, sweep_dir, embedded_sotu):
     runs = []
     for method, sparsity in (("magnitude", "0.3"), ("magnitude", "0.6"), ("wanda", "0.5")):
         out = tmp_path / f"{method}-{sparsity}"
@@ -109,8 +148,8 @@ def test_report_page_and_images(capsys, tmp_path, tiny_dir, texts, sweep_dir, sh
         assert code == 0, err
         runs.append(out)
     code, _, err = run(capsys, "eval", runs[-1], "--reference", tiny_dir, "--jsd", texts / "alpha_test.txt",
-                       "--seqlen", "32", "--ppl", texts / "alpha_test.txt", "--local-tasks",
-                       shared_data / "corpora" / "sotu" / "validation.txt", "--local-n", "10",
+                       "--seqlen", "32", "--ppl", texts / "alpha_test.txt", "--local-tasks", embedded_sotu,
+                       "--local-n", "10",
                        "--save-json", runs[-1] / "eval.json")
     assert code == 0, err
     report = tmp_path / "report"
@@ -131,6 +170,21 @@ def test_report_page_and_images(capsys, tmp_path, tiny_dir, texts, sweep_dir, sh
     assert "http" not in page.replace("http-equiv", "")  # nothing fetched from the network
     for needle in ("prunekit_cloze", "prunekit_nextsent", "Provenance", "magnitude", "wanda", "sweep/alpha"):
         assert needle in page and needle in md
+    # an existing report is replaced only with --overwrite; a folder prunekit did not write, or a run, never
+    assert (report / MARKER).is_file()
+    code, _, err = run(capsys, "report", *runs, "--out", report)
+    assert_one_line_error(code, err, "already exists; pass --overwrite")
+    code, _, err = run(capsys, "report", *runs, "--out", report, "--overwrite")
+    assert code == 0, err
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "index.html").write_text("my homepage")
+    code, _, err = run(capsys, "report", *runs, "--out", project, "--overwrite")
+    assert_one_line_error(code, err, "refusing to overwrite")
+    assert (project / "index.html").read_text() == "my homepage"
+    code, _, err = run(capsys, "report", *runs, "--out", runs[0], "--overwrite")
+    assert_one_line_error(code, err, "which the report reads")
+    assert (runs[0] / "prunekit.json").is_file()
     # bad input: a folder that is no run
     empty = tmp_path / "empty"
     empty.mkdir()

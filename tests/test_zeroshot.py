@@ -22,8 +22,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sotu_text(shared_data) -> Path:
-    return shared_data / "corpora" / "sotu" / "validation.txt"
+def sotu_text(embedded_sotu) -> Path:
+    return embedded_sotu
 
 
 def _rows(path: Path) -> list[dict]:

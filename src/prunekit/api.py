@@ -12,10 +12,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from prunekit.adapters import get_adapter
+from prunekit.adapters import Adapter, get_adapter, weight_matrix
+from prunekit.checks import check_device, check_positive
 from prunekit.engine import Engine, EngineOptions, EngineResult, InMemoryBlocks
 from prunekit.errors import PrunekitError
 from prunekit.methods import build_method
+from prunekit.methods.base import PruningMethod
 from prunekit.pruning import SparsityPlan
 
 
@@ -102,30 +104,31 @@ def on_device(model: nn.Module, device: str | None):
         model.to(home)
 
 
-def check_run_options(batch_size: int, device: str) -> None:
-    """Cheap checks of the engine options, before any model or data is touched."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PrunekitError(f"batch size {batch_size!r} is invalid; accepted: an integer >= 1")
-    check_device(device)
-
-
-def check_device(device: str) -> torch.device:
-    """`cpu`, `cuda`, `cuda:N` (when CUDA is there) or `auto` (CUDA if available, else CPU)."""
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(text)
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise PrunekitError(f"device {device!r} is not understood; accepted: cpu, cuda, cuda:N or auto")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise PrunekitError(f"device {device!r} asks for CUDA, but torch {torch.__version__} sees no CUDA device "
-                            "here; accepted: cpu (or auto)")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise PrunekitError(f"device {device!r}: there are only {torch.cuda.device_count()} CUDA devices")
-    return parsed
+def check_fits(model: nn.Module, adapter: Adapter, plan: SparsityPlan, pruner: PruningMethod, prune_head: bool
+               ) -> None:
+    """What the model's shapes decide, checked before any calibration: every N:M target divides its layer's
+    input width, and the LM head is prunable when asked (a data-free method, and not tied to the embeddings,
+    which would be pruned with it)."""
+    for index, block in enumerate(adapter.blocks()):
+        prefix = adapter.block_prefix(index)
+        for _group, modules in adapter.block_linears(block):
+            for name, module in modules.items():
+                target = plan.target_for(f"{prefix}.{name}")
+                if target is not None:
+                    target.check_width(weight_matrix(module).shape[1], f"{prefix}.{name}")
+    if not prune_head:
+        return
+    heads = {name: module for name, module in adapter.head_linears().items() if plan.target_for(name) is not None}
+    if heads and pruner.needs_calibration:
+        raise PrunekitError(f"prune_head: the LM head can only be pruned by a data-free method (magnitude), "
+                            f"not {pruner.name}; drop prune_head or use method magnitude")
+    embeddings = [module.weight for module in adapter.embeddings() if hasattr(module, "weight")]
+    for name, module in heads.items():
+        shared = any(module.weight is weight for weight in embeddings)
+        if shared or getattr(model.config, "tie_word_embeddings", False):
+            raise PrunekitError(f"prune_head: {name} shares its weights with the input embeddings "
+                                "(tie_word_embeddings), so pruning it would prune the embeddings too; "
+                                "leave the head unpruned for this model")
 
 
 def prune(
@@ -160,8 +163,8 @@ def prune(
     and GGUF files): the same engine and methods, one block in memory at a time.
     """
     started = time.perf_counter()
-    check_run_options(batch_size, device)
-    device = str(check_device(device))
+    check_positive({"batch_size": batch_size, "nsamples": nsamples, "seqlen": seqlen})
+    device = check_device(device, "device")
     pruner = build_method(method, method_options)
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
@@ -171,8 +174,8 @@ def prune(
                                 overrides=overrides, skip=skip, batch_size=batch_size, device=device,
                                 progress=progress, reducer=reducer)
     adapter = get_adapter(model)
-    plan = build_plan(sparsity, pattern, overrides, skip, prune_head=prune_head, method=pruner, model=model)
-    check_widths(adapter, plan)
+    plan = build_plan(sparsity, pattern, overrides, skip, prune_head=prune_head)
+    check_fits(model, adapter, plan, pruner, prune_head)
     ids, provenance, calib_seconds = None, None, 0.0
     if pruner.needs_calibration:
         t0 = time.perf_counter()
@@ -203,31 +206,12 @@ def prune(
     )
 
 
-def build_plan(sparsity, pattern, overrides, skip, *, prune_head: bool, method, model) -> SparsityPlan:
-    """The sparsity plan; the LM head is skipped unless asked for, and asked for only where that is safe."""
+def build_plan(sparsity, pattern, overrides, skip, *, prune_head: bool) -> SparsityPlan:
+    """The sparsity plan; the LM head is skipped unless asked for (`check_fits` says whether it may be)."""
     plan = SparsityPlan.build(sparsity, pattern, overrides, skip)
     if not prune_head:
         plan.skip.append("lm_head")
-        return plan
-    if method.needs_calibration:
-        raise PrunekitError(f"--prune-head works with data-free methods only (magnitude), not {method.name}")
-    if getattr(model.config, "tie_word_embeddings", False):
-        raise PrunekitError("--prune-head: this model ties its LM head to the input embeddings, so pruning the head "
-                            "would prune the embeddings too; untie them first or leave the head dense")
     return plan
-
-
-def check_widths(adapter, plan: SparsityPlan) -> None:
-    """Fail before any work if an N:M pattern does not fit some layer (shapes only: works on a skeleton)."""
-    from prunekit.adapters import weight_matrix
-
-    for index, block in enumerate(adapter.blocks()):
-        prefix = adapter.block_prefix(index)
-        for _group, modules in adapter.block_linears(block):
-            for name, module in modules.items():
-                target = plan.target_for(f"{prefix}.{name}")
-                if target is not None:
-                    target.check_width(weight_matrix(module).shape[1], f"{prefix}.{name}")
 
 
 def prune_head_layers(adapter, plan: SparsityPlan, method) -> list:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import click
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -78,6 +79,8 @@ def prune(
     propagate: Annotated[str | None, typer.Option(help="pruned (reference) or dense.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Calibration rows per forward.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
+    prune_head: Annotated[bool | None, typer.Option(
+        "--prune-head", help="Also prune the LM head (magnitude only; refused when tied to the embeddings).")] = None,
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Block by block from disk (default "
                                                 "for models on disk) or the whole model in memory.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16, float16 (default: the "
@@ -97,39 +100,38 @@ def prune(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Prune MODEL and save an HF folder plus prunekit.json (streamed block by block, resumable)."""
-    from prunekit.api import check_run_options
+    from prunekit.checks import check_device, check_positive
+    from prunekit.files import check_output_dir
     from prunekit.methods import build_method
     from prunekit.pruning import SparsityPlan
     from prunekit.pruning.target import check_sparsity
     from prunekit.recipe import load_recipe
     from prunekit.streaming.budget import parse_size
-    from prunekit.streaming.prune import parse_dtype
+    from prunekit.streaming.prune import check_compute_dtype, parse_dtype
 
     options = {**_parse_options(option), **_structured_options(structure, metric, task)}
     recipe = load_recipe(config, {
         "model": model, "method": method,
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
-        "propagate": propagate, "batch_size": batch_size, "device": device, "stream": stream, "dtype": dtype,
-        "compute_dtype": compute_dtype, "activations_dtype": activations_dtype, "max_memory": max_memory,
+        "propagate": propagate, "batch_size": batch_size, "device": device, "prune_head": prune_head,
+        "stream": stream, "dtype": dtype, "compute_dtype": compute_dtype, "activations_dtype": activations_dtype,
+        "max_memory": max_memory,
     })
     if options:
         recipe.options = {**recipe.options, **options}
     if recipe.out is None:
         raise PrunekitError("no output folder: pass --out DIR (or 'out:' in the recipe)")
     # validate everything cheap before loading anything
+    check_positive({"--batch-size": recipe.batch_size, "--nsamples": recipe.nsamples, "--seqlen": recipe.seqlen,
+                    "--ppl-seqlen": ppl_seqlen})
+    device = check_device(recipe.device)
     build_method(recipe.method, recipe.options)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
-    check_run_options(recipe.batch_size, recipe.device)
-    from prunekit.api import check_device
-    from prunekit.streaming.prune import check_compute_dtype
-
     parse_dtype(recipe.dtype, "--dtype")
-    check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), check_device(recipe.device))
+    check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), torch.device(device))
     parse_dtype(recipe.activations_dtype, "--activations-dtype")
     limit = parse_size(recipe.max_memory)
-    from prunekit.files import check_output_dir
-
     check_output_dir(recipe.out, recipe.overwrite)
     spec = recipe.model or DEFAULT_MODEL
     if recipe.stream is False or (recipe.stream is None and _in_memory_only(spec)):
@@ -149,7 +151,7 @@ def _in_memory_only(spec: str) -> bool:
 def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str | None, ppl_seqlen: int,
                     trust_remote_code: bool) -> None:
     from prunekit import distributed
-    from prunekit.api import check_device
+    from prunekit.checks import check_device
     from prunekit.streaming import StreamRequest, prune_files
 
     request = StreamRequest(
@@ -159,7 +161,7 @@ def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str
         batch_size=recipe.batch_size, device=recipe.device, prune_head=recipe.prune_head, dtype=recipe.dtype,
         compute_dtype=recipe.compute_dtype, activations_dtype=recipe.activations_dtype, max_memory=limit,
         trust_remote_code=trust_remote_code)
-    reducer = distributed.start(check_device(recipe.device))
+    reducer = distributed.start(torch.device(check_device(recipe.device)))
     if reducer.world_size > 1 and ppl:
         raise PrunekitError("--ppl runs once, after a data-parallel run: evaluate with `prunekit eval` instead")
     before = _streamed_ppl(spec, ppl, ppl_seqlen, trust_remote_code) if ppl else None
@@ -202,15 +204,17 @@ def _record_evaluation(folder: Path, before: dict[str, Any], after: dict[str, An
 
 def _prune_in_memory(recipe, spec: str, ppl: str | None, ppl_seqlen: int, trust_remote_code: bool) -> None:
     from prunekit import distributed
-    from prunekit.api import check_device, versions
     from prunekit.api import prune as run_prune
+    from prunekit.api import versions
+    from prunekit.checks import check_device
     from prunekit.export import save_model
     from prunekit.models import load_model
     from prunekit.streaming.prune import check_compute_dtype, parse_dtype
 
-    reducer = distributed.start(check_device(recipe.device))
+    device = torch.device(check_device(recipe.device))
+    reducer = distributed.start(device)
     started = time.perf_counter()
-    compute = check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), check_device(recipe.device))
+    compute = check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), device)
     loaded = load_model(spec, dtype=compute, trust_remote_code=trust_remote_code)
     load_seconds = time.perf_counter() - started
     before = _ppl(loaded, ppl, ppl_seqlen) if ppl else None
@@ -288,6 +292,8 @@ def evaluate(
     topk: Annotated[int, typer.Option(help="Dense log-probs cached per token for --jsd (>= vocab: exact).")] = 1024,
     save_json: Annotated[Path | None, typer.Option(help="Also write the summary here (e.g. RUN_DIR/eval.json).")
                          ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier prunekit --save-json file.")
+                         ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Perplexity block by block from "
                                                 "disk (default: when the model would not fit in memory).")] = None,
@@ -295,10 +301,15 @@ def evaluate(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Perplexity (pinned protocol), zero-shot tasks (lm-eval) and divergence from a dense model."""
-    from prunekit.api import check_device
+    from prunekit.checks import check_device, check_positive
     from prunekit.experiments.evaluate import run_evaluation, save_summary
+    from prunekit.files import check_output_file
 
-    device = str(check_device(device))
+    device = check_device(device)
+    check_positive({"--seqlen": seqlen, "--batch-size": batch_size, "--max-windows": max_windows,
+                    "--local-n": local_n, "--topk": topk, "--limit": limit})
+    if save_json is not None:
+        check_output_file(save_json, overwrite)
     summary = run_evaluation(model, ppl=ppl, tasks=tasks, local_tasks=local_tasks, local_n=local_n, limit=limit,
                              reference=reference, jsd=jsd, topk=topk, seqlen=seqlen, batch_size=batch_size, bos=bos,
                              max_windows=max_windows, trust_remote_code=trust_remote_code,
@@ -315,7 +326,7 @@ def evaluate(
         metrics = ", ".join(f"{m} {task[m]:.4f}" for m in ("acc", "acc_norm", "perplexity") if task.get(m) is not None)
         out.print(f"{name} (v{task.get('version')}, n={task.get('n')}): {metrics}")
     if save_json is not None:
-        save_summary(summary, save_json)
+        save_summary(summary, save_json, overwrite=overwrite)
     if as_json:
         print(json.dumps(summary, default=str))
 
@@ -368,16 +379,21 @@ def speed(
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Weights while timing: float32, bfloat16, float16.")] = "float32",
     save_json: Annotated[Path | None, typer.Option(help="Also write the report here.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier prunekit --save-json file.")
+                         ] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Prefill and greedy-decode tokens/s of each model, and its speed-up over the first, timed interleaved."""
-    from prunekit.api import check_device
+    from prunekit.checks import check_device
     from prunekit.evaluation.speed import check_runtimes, measure_speed, speed_ids
+    from prunekit.files import check_output_file
     from prunekit.models import load_model
     from prunekit.streaming.prune import parse_dtype
 
-    device = str(check_device(device))
+    device = check_device(device)
     weights_dtype = parse_dtype(dtype, "--dtype")
+    if save_json is not None:
+        check_output_file(save_json, overwrite)
     runtimes = check_runtimes([r.strip() for r in runtime.split(",") if r.strip()], device)
     for name, value in (("--prefill-tokens", prefill_tokens), ("--prompt-tokens", prompt_tokens),
                         ("--new-tokens", new_tokens), ("--repeats", repeats), ("--threads", threads or 1)):
@@ -386,8 +402,6 @@ def speed(
     if prompt_tokens > prefill_tokens:
         raise PrunekitError(f"--prompt-tokens {prompt_tokens} must not exceed --prefill-tokens {prefill_tokens}")
     if threads is not None:
-        import torch
-
         torch.set_num_threads(threads)
     loaded = {spec: load_model(spec, dtype=weights_dtype, trust_remote_code=trust_remote_code)
               for spec in dict.fromkeys(models)}
@@ -424,9 +438,9 @@ def speed(
         from prunekit.api import versions
         from prunekit.experiments.evaluate import save_summary
 
-        summary = result.to_dict()
+        summary = {"kind": "prunekit.speed", **result.to_dict()}
         summary["protocol"].update(text=text or "embedded sotu_2020_2021.txt", versions=versions())
-        save_summary(summary, save_json)
+        save_summary(summary, save_json, overwrite=overwrite)
 
 
 @app.command()
@@ -449,11 +463,12 @@ def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="prunekit prune / sweep output folders.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report folder (index.html, report.md, plots/).")],
     title: Annotated[str, typer.Option(help="Page title.")] = "prunekit report",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier report in --out.")] = False,
 ) -> None:
     """Markdown + offline HTML comparison of pruning runs, with plots."""
     from prunekit.report import build_report
 
-    page = build_report(run_dirs, out_dir, title=title)
+    page = build_report(run_dirs, out_dir, title=title, overwrite=overwrite)
     out.print(f"wrote {page} and {page.with_name('report.md')}")
 
 

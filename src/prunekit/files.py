@@ -3,9 +3,11 @@
 * `atomic_write` (and its text/JSON/safetensors forms): write to a temporary file beside the target, flush,
   fsync, rename over the target, fsync the folder. A crash or a failing writer leaves the old file (or none),
   never a half-written one.
-* `prepare_output_dir` / `publish_dir`: an output folder is staged under a hidden name beside its target and
+* `check_output_dir` / `publish_dir`: an output folder is staged under a hidden name beside its target and
   renamed into place. `--overwrite` replaces only a folder that prunekit wrote (it holds `prunekit.json` or a
   command's own marker file) or an empty one; anything else is refused with one line naming it.
+* `check_output_file`: the same rule for a single JSON summary (`--save-json`): only one prunekit wrote
+  (its "kind" is prunekit.…) is replaced.
 """
 
 from __future__ import annotations
@@ -152,6 +154,31 @@ def remove_own_dir(folder: Path) -> None:
     if not (own or is_prunekit_output(folder)):
         raise PrunekitError(f"refusing to delete {folder}: prunekit did not write it")
     shutil.rmtree(folder)
+
+
+def is_prunekit_file(path: Path) -> bool:
+    """A JSON summary prunekit wrote: an object whose "kind" names a prunekit record (prunekit.eval, ...)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("kind", "")).startswith("prunekit.")
+
+
+def check_output_file(path: str | Path, overwrite: bool, flag: str = "--save-json") -> Path:
+    """Refuse an existing output file before any work: without `overwrite` always, with it unless prunekit wrote it."""
+    out = Path(path).expanduser()
+    if not out.exists():
+        return out
+    if out.is_dir():
+        raise PrunekitError(f"{flag} {out} is a folder; accepted: a file name, e.g. {out / 'eval.json'}")
+    if not overwrite:
+        raise PrunekitError(f"{flag} file {out} already exists; pass --overwrite to replace it")
+    if not is_prunekit_file(out):
+        raise PrunekitError(f"refusing to overwrite {out}: it is not a prunekit summary (a JSON object with "
+                            '"kind": "prunekit.…"); choose another file or remove it yourself')
+    return out
 
 
 def write_marker(folder: Path, command: str) -> None:

@@ -38,10 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from prunekit.data.sources import TextSource, TokenSource, sha256_ids
 from prunekit.errors import PrunekitError
+from prunekit.files import (
+    atomic_save_tensors,
+    atomic_write_json,
+    is_prunekit_output,
+    new_staging_dir,
+    publish_dir,
+    write_marker,
+)
 
 DEFAULT_TOPK = 1024
 HIST_BINS = 40
@@ -164,19 +172,37 @@ def cache_reference(
     topk: int = DEFAULT_TOPK,
     progress: bool | None = None,
 ) -> ReferenceCache:
-    """Run the dense `model` over SOURCE's windows and write its compact log-probs into `folder`."""
-    from tqdm.auto import tqdm
+    """Run the dense `model` over SOURCE's windows and write its compact log-probs into `folder`.
 
+    The cache is built in a staging folder beside `folder` and renamed into place when complete; an existing
+    `folder` is replaced only if it is an earlier cache or empty."""
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise PrunekitError(f"topk {topk!r} is invalid; accepted: an integer >= 1 (>= vocab for exact)")
     windows, prov, dropped = _prepare(model, tokenizer, source, seqlen=seqlen, bos=bos, split=split,
                                       max_windows=max_windows)
     out = Path(folder)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "meta.json").exists():  # never delete a folder that is not one of our caches
-            raise PrunekitError(f"cache folder {out} exists and is not a dense log-prob cache; accepted: a new folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    earlier_cache = (out / "meta.json").is_file()
+    if out.exists() and not (earlier_cache or (out.is_dir() and not any(out.iterdir()))):  # only ours
+        raise PrunekitError(f"cache folder {out} exists and is not a dense log-prob cache; accepted: a new folder")
+    staging = new_staging_dir(out)
+    try:
+        meta = _write_cache(model, windows, staging, batch_size=batch_size, topk=topk, progress=progress,
+                            seqlen=seqlen, bos=bos, prov=prov, dropped=dropped, tokenizer=tokenizer)
+        write_marker(staging, "cache")
+        if earlier_cache and not is_prunekit_output(out):  # a cache from before markers: ours all the same
+            shutil.rmtree(out)
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ReferenceCache(out, meta)
+
+
+def _write_cache(model: Any, windows: torch.Tensor, out: Path, *, batch_size: int, topk: int, progress: bool | None,
+                 seqlen: int, bos: bool, prov: dict[str, Any], dropped: int, tokenizer: Any) -> dict[str, Any]:
+    """The dense pass: one safetensors file per batch, then the windows, then meta.json, which marks it complete."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     nwin = int(windows.shape[0])
     vocab = None
@@ -205,11 +231,13 @@ def cache_reference(
                     for key, value in (("topk_logp", values), ("topk_index", index.to(torch.int32)),
                                        ("rest_logp", rest), ("target_logp", target)):
                         rows[key].append(value.cpu())
-                save_file({key: torch.stack(v).contiguous() for key, v in rows.items()},
-                          out / f"batch_{i:05d}.safetensors")
+                atomic_save_tensors({key: torch.stack(v) for key, v in rows.items()},
+                                    out / f"batch_{i:05d}.safetensors")
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
+    # the windows themselves travel with the cache, so the pruned pass needs no tokenizer run
+    atomic_save_tensors({"input_ids": windows}, out / "windows.safetensors")
     tokens = nwin * (windows.shape[1] - 1)
     meta = {
         "format": CACHE_FORMAT, "batches": math.ceil(nwin / batch_size), "batch_size": batch_size,
@@ -219,10 +247,8 @@ def cache_reference(
         "perplexity": math.exp(nll / tokens) if nll / tokens < 700 else math.inf,
         "model": getattr(getattr(model, "config", None), "_name_or_path", ""),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    # the windows themselves travel with the cache, so the pruned pass needs no tokenizer run
-    save_file({"input_ids": windows.contiguous()}, out / "windows.safetensors")
-    return ReferenceCache(out, meta)
+    atomic_write_json(out / "meta.json", meta, indent=1)
+    return meta
 
 
 def token_divergences(p_top: torch.Tensor, p_index: torch.Tensor, p_rest: torch.Tensor, q_logp: torch.Tensor

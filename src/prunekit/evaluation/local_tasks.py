@@ -27,6 +27,7 @@ import yaml
 
 from prunekit.data.sources import TextSource, resolve_source
 from prunekit.errors import PrunekitError
+from prunekit.files import atomic_write_text
 
 CLOZE_TASK = "prunekit_cloze"
 CHOICE_TASK = "prunekit_nextsent"
@@ -175,7 +176,7 @@ def _task_config(name: str, data_file: Path, kind: str) -> dict[str, Any]:
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -205,12 +206,11 @@ def build_local_tasks(
             f"text {name!r} is too short for local tasks: {len(cloze)} cloze and {len(choice)} next-sentence "
             f"examples, need {need} of each; accepted: a longer text (a few thousand words)")
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     hashes = {}
     for task, rows, kind in ((CLOZE_TASK, cloze, "cloze"), (CHOICE_TASK, choice, "choice")):
         data = out / f"{task}.jsonl"
         hashes[task] = _write_jsonl(data, rows)
-        (out / f"{task}.yaml").write_text(yaml.safe_dump(_task_config(task, data, kind), sort_keys=False))
+        atomic_write_text(out / f"{task}.yaml", yaml.safe_dump(_task_config(task, data, kind), sort_keys=False))
     provenance = {**prov, "seed": seed, "requested": n, "data_sha256": hashes,
                   "sentences": sum(len(s) for s in sentences),
                   "construction": "cloze: last word of >=30-word passages; nextsent: 2 context sentences, "

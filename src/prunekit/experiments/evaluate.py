@@ -7,12 +7,12 @@ run first, its log-probs cached on disk and the model freed; only then is the ev
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
+from prunekit.files import atomic_write_json, check_output_file
 
 EVAL_KIND = "prunekit.eval"
 
@@ -133,11 +133,9 @@ def _streamed_summary(model: str, ppl: str | None, **options: Any) -> dict[str, 
     return {"kind": EVAL_KIND, **result.to_dict(), "model": checkpoint.provenance(), "seqlen_choice": note}
 
 
-def save_summary(summary: dict[str, Any], path: str | Path) -> Path:
-    """Write the summary where `prunekit report` finds it (e.g. RUN_DIR/eval.json)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staged = out.with_name(f".{out.name}.tmp")
-    staged.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    staged.replace(out)  # never a half-written file under the final name
-    return out
+def save_summary(summary: dict[str, Any], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the summary where `prunekit report` finds it (e.g. RUN_DIR/eval.json), whole or not at all.
+
+    An existing file is replaced only with `overwrite` and only if prunekit wrote it (check it before any work
+    with `prunekit.files.check_output_file`)."""
+    return atomic_write_json(check_output_file(path, overwrite), summary, indent=1)

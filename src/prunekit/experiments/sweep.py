@@ -7,6 +7,7 @@ perplexity and JSD to the dense model measured on every evaluation text (one for
 windows of the perplexity protocol). Output folder:
 
     matrix.json                     perplexity / JSD / KL / top-1 matrices [calibration][evaluation] + setup
+    .prunekit-output                the marker that lets a later `--overwrite` replace this folder
     runs/<calibration>/prunekit.json  the pruning manifest of that run (weights too with save_models)
     runs/<calibration>/eval-<evaluation>.json  the evaluation summary per domain (for `prunekit report`)
 
@@ -16,7 +17,6 @@ two sources are the same path is flagged `overlap` in matrix.json.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -27,7 +27,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from prunekit.checks import check_positive
 from prunekit.errors import PrunekitError
+from prunekit.files import (
+    MANIFEST,
+    atomic_write_json,
+    check_output_dir,
+    new_staging_dir,
+    publish_dir,
+    write_marker,
+)
 
 SWEEP_KIND = "prunekit.sweep"
 
@@ -129,32 +138,47 @@ def _check_sources(grid: SweepGrid) -> None:
 
 
 def run_sweep(grid: SweepGrid, out_dir: str | Path, *, overwrite: bool = False, log: Any = None) -> dict[str, Any]:
-    """Run the grid and write the matrix and the runs into `out_dir`; returns the matrix dict."""
-    from prunekit.api import prune, versions
-    from prunekit.evaluation.divergence import cache_reference, divergence
-    from prunekit.export import check_output_dir, save_model
+    """Run the grid and write the matrix and the runs into `out_dir`; returns the matrix dict.
+
+    The folder is built under a hidden staging name beside `out_dir` and renamed into place at the end, so an
+    interrupted sweep leaves no half-written matrix; `--overwrite` replaces only an earlier prunekit output.
+    """
     from prunekit.methods import build_method
-    from prunekit.models import load_model
     from prunekit.pruning import SparsityPlan
 
-    say = log or (lambda message: None)
-    started = time.perf_counter()
+    check_positive({f"grid {key}": getattr(grid, key) for key in
+                    ("nsamples", "seqlen", "eval_seqlen", "max_windows", "batch_size", "topk")})
     build_method(grid.method, grid.options)
     SparsityPlan.build(grid.sparsity, grid.pattern, None, None)
     out = check_output_dir(out_dir, overwrite)
     _check_sources(grid)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "runs").mkdir(parents=True)
-    eval_seqlen = grid.eval_seqlen or grid.seqlen
+    staging = new_staging_dir(out)
+    try:
+        matrix = _sweep_into(grid, staging, out, log or (lambda message: None))
+        write_marker(staging, "sweep")
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return matrix
 
+
+def _sweep_into(grid: SweepGrid, staging: Path, out: Path, say: Any) -> dict[str, Any]:
+    """The sweep itself, written into `staging` (paths recorded as they will be under `out`)."""
+    from prunekit.api import prune, versions
+    from prunekit.evaluation.divergence import cache_reference, divergence
+    from prunekit.export import save_model
+    from prunekit.models import load_model
+
+    started = time.perf_counter()
+    eval_seqlen = grid.eval_seqlen or grid.seqlen
     loaded = load_model(grid.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     caches = {}
     for name, source in grid.evaluation.items():
         say(f"dense log-probs on {name} ...")
-        caches[name] = cache_reference(model, tokenizer, source, out / ".cache" / name, seqlen=eval_seqlen,
+        caches[name] = cache_reference(model, tokenizer, source, staging / ".cache" / name, seqlen=eval_seqlen,
                                        batch_size=grid.batch_size, max_windows=grid.max_windows, topk=grid.topk,
                                        progress=False)
     calib_names, eval_names = list(grid.calibration), list(grid.evaluation)
@@ -166,8 +190,8 @@ def run_sweep(grid: SweepGrid, out_dir: str | Path, *, overwrite: bool = False, 
         report = prune(model, method=grid.method, sparsity=grid.sparsity, pattern=grid.pattern, calibration=csource,
                        tokenizer=tokenizer, nsamples=grid.nsamples, seqlen=grid.seqlen, seed=grid.seed,
                        method_options=grid.options, batch_size=grid.batch_size, progress=False)
-        run_dir = out / "runs" / cname
-        evaluations = {}
+        run_dir = Path("runs") / cname
+        evaluations, summaries = {}, {}
         for j, ename in enumerate(eval_names):
             d = divergence(model, caches[ename], tokenizer=tokenizer, progress=False)
             evaluations[ename] = {"perplexity": d.perplexity, "dense_perplexity": d.reference_perplexity,
@@ -175,12 +199,11 @@ def run_sweep(grid: SweepGrid, out_dir: str | Path, *, overwrite: bool = False, 
             for key, value in (("perplexity", d.perplexity), ("jsd", d.jsd_mean), ("kl", d.kl_mean),
                                ("top1", d.top1_agreement)):
                 metrics[key][i][j] = value
-            summary = {"kind": "prunekit.eval", "model": {"spec": str(run_dir), "sweep_calibration": cname},
-                       "evaluation_domain": ename, "perplexity": d.perplexity, "tokens": d.tokens,
-                       "windows": d.windows, "seqlen": d.seqlen, "bos": d.bos, "source": d.source,
-                       "divergence": d.to_dict()}
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / f"eval-{ename}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+            summaries[ename] = {"kind": "prunekit.eval",
+                                "model": {"spec": str(out / run_dir), "sweep_calibration": cname},
+                                "evaluation_domain": ename, "perplexity": d.perplexity, "tokens": d.tokens,
+                                "windows": d.windows, "seqlen": d.seqlen, "bos": d.bos, "source": d.source,
+                                "divergence": d.to_dict()}
         manifest = {
             "model": loaded.provenance,
             "recipe": {"model": grid.model, "method": grid.method, "sparsity": grid.sparsity,
@@ -192,14 +215,16 @@ def run_sweep(grid: SweepGrid, out_dir: str | Path, *, overwrite: bool = False, 
             "versions": versions(),
         }
         if grid.save_models:
-            save_model(model, tokenizer, run_dir, manifest, overwrite=True)
+            save_model(model, tokenizer, staging / run_dir, manifest)
         else:
-            (run_dir / "prunekit.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        runs[cname] = str(run_dir.relative_to(out))
+            atomic_write_json(staging / run_dir / MANIFEST, manifest)
+        for ename, summary in summaries.items():
+            atomic_write_json(staging / run_dir / f"eval-{ename}.json", summary, indent=1)
+        runs[cname] = str(run_dir)
         say("    " + ", ".join(f"{e}: ppl {evaluations[e]['perplexity']:.2f} jsd {evaluations[e]['jsd_mean']:.4f}"
                                  for e in eval_names))
     model.load_state_dict(dense_state)
-    shutil.rmtree(out / ".cache", ignore_errors=True)
+    shutil.rmtree(staging / ".cache", ignore_errors=True)
     overlap = [n for n in calib_names if n in grid.evaluation and
                Path(grid.calibration[n]).resolve() == Path(grid.evaluation[n]).resolve()]
     matrix = {
@@ -220,7 +245,7 @@ def run_sweep(grid: SweepGrid, out_dir: str | Path, *, overwrite: bool = False, 
         "note": "rows: calibration domain, columns: evaluation domain; perplexity under the pinned protocol, "
                 "JSD/KL in nats (dense top-k cache, tails lumped), top-1 = arg-max agreement with the dense model",
     }
-    (out / "matrix.json").write_text(json.dumps(matrix, indent=1, default=str) + "\n")
+    atomic_write_json(staging / "matrix.json", matrix, indent=1)
     return matrix
 
 

@@ -1,7 +1,8 @@
 """FLAP (An et al., AAAI 2024): Fluctuation-based Adaptive Structured Pruning, retraining-free.
 
 Statistics: mean and variance of every input channel of o_proj (grouped by head) and down_proj (per
-MLP channel), one dense pass. Score: IFV, WIFV (default) or WIFN (structured/search.py). Structure:
+MLP channel), one dense pass. Score: IFV, WIFV (default) or WIFN (structured/search.py), squared for the
+attention channels before standardising and pooling per head, as the reference code does. Structure:
 UL-UM, UL-MM, AL-MM or AL-AM (default: scores standardised per layer, one global threshold over heads
 and channels counted in parameters). Weights: the removed channels' mean contribution is added to the
 output projection's bias (bias compensation). The result is a physically smaller model.
@@ -31,3 +32,4 @@ class FlapConfig(StructuredConfig):
 class Flap(StructuredMethod):
     name = "flap"
     config_class = FlapConfig
+    square_heads = True

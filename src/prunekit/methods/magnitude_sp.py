@@ -1,7 +1,8 @@
 """Magnitude-sp: the data-free structured baseline of the FLAP paper.
 
-Score of an input channel j of o_proj / down_proj: ||W[:, j]||₂ (a head sums its channels). Structure:
-uniform per layer and module (UL-UM). No calibration data, hence no bias compensation.
+Score of an input channel j of o_proj / down_proj: ||W[:, j]||₂ (heads ranked as by the sum of their
+channels, structured/search.py). Structure: uniform per layer and module (UL-UM). No calibration data,
+hence no bias compensation.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from prunekit.methods.registry import register
 from prunekit.structured.collect import BlockSummary
 from prunekit.structured.layout import LlamaStructure
 from prunekit.structured.method import StructuredConfig, StructuredMethod, _split
-from prunekit.structured.search import block_units, logistic_counts
+from prunekit.structured.search import logistic_counts
 from prunekit.structured.shrink import StructurePlan, build_plan
 
 if TYPE_CHECKING:
@@ -83,9 +83,7 @@ class Seap(StructuredMethod):
              sparsity: float) -> StructurePlan:
         cfg = self.config
         stats, columns = _split(stats, len(structure.blocks()))
-        units = [block_units(structure, i, stats[i] if stats else None, self.metric, cfg.gqa, cfg.min_keep,
-                             columns[i]) for i in range(len(structure.blocks()))]
-        attn, mlp = [u[0] for u in units], [u[1] for u in units]
+        attn, mlp = self.units(structure, stats, columns)
         layouts = [structure.layout(b) for b in structure.blocks()]
         attn_counts, mlp_counts, ratios, lam = logistic_counts(
             attn, mlp, layouts, sparsity, k=cfg.k, x0=cfg.x0, protect=cfg.protect, cap=cfg.max_layer_sparsity)

@@ -4,6 +4,15 @@ Statistics: H = 2XᵀX/n over the calibration tokens. Score: w² / [H⁻¹]_jj²
 Mask: chosen per block of `blocksize` columns from the partially updated weights, over the whole
 block (unstructured) or per run of M inputs (N:M). Weights: every pruned weight's error is spread
 over the not-yet-processed columns through the upper Cholesky factor of H⁻¹.
+
+Against the reference (IST-DASLab/sparsegpt, `SparseGPT.fasterprune`): damping, dead inputs, the OBS column
+loop and the N:M rule are the same (tests compare with a float64 transcription: equal weights for N:M). One
+rule differs on purpose, the unstructured count. The reference takes, per block, the score at sorted index
+int(s · block numel) as a threshold and prunes every score ≤ it: int(s · block numel) + 1 weights per block
+(more on ties), so each layer ends a few weights above s. Here the block spanning columns [start, end) loses
+round(s · rows · end) − round(s · rows · start), so the layer loses exactly round(s · numel). Where the
+reference prunes that extra weight, the OBS updates of its row differ from then on and a few later choices
+with them: on a 128 × 512 layer at 30 / 50 / 70 %, ≥ 99.9 % of the mask entries agree.
 """
 
 from __future__ import annotations

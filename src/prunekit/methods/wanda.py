@@ -1,7 +1,9 @@
 """Wanda (Sun et al., 2024): Pruning by Weights and activations.
 
 Statistics: ||X_j||₂ of each input channel over all calibration tokens. Score: |W_ij| · ||X_j||₂.
-Mask: the lowest scores within each output row (or within each run of M inputs for N:M). With
+Mask: the lowest scores within each output row (or within each run of M inputs for N:M); each row loses
+int(in_features · s) weights as in the reference code (`count="reference"`), or the layer loses exactly
+round(s · numel) (`count="exact-total"`, see pruning/masks.py). With
 `use_variant`, each row instead keeps the smallest prefix of its sorted scores whose sum reaches a
 fraction α of the row's total, α found by bisection so the layer meets the target sparsity.
 Weights: only masked.
@@ -13,12 +15,14 @@ import torch
 
 from prunekit.methods.base import MethodConfig, PruneResult, PruningMethod
 from prunekit.methods.registry import register
-from prunekit.pruning.masks import mask_from_scores
+from prunekit.pruning.masks import CountRule, mask_from_scores
 from prunekit.pruning.statistics import InputSquaredNorms
 from prunekit.pruning.target import SparsityTarget
 
 
 class WandaConfig(MethodConfig):
+    #: Per-row count: the reference's int(in_features · s), or the exact layer total round(s · numel).
+    count: CountRule = "reference"
     use_variant: bool = False
     #: Bisection stops when the achieved sparsity is this close to the target.
     variant_tolerance: float = 1e-3
@@ -61,5 +65,5 @@ class Wanda(PruningMethod):
         if self.config.use_variant and not target.is_nm:
             mask = cumulative_score_mask(scores, target.sparsity, self.config.variant_tolerance)
         else:
-            mask = mask_from_scores(scores, target, group="row")
+            mask = mask_from_scores(scores, target, group="row", count=self.config.count)
         return PruneResult(weight.masked_fill(mask, 0.0), mask)

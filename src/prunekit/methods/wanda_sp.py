@@ -1,7 +1,9 @@
 """Wanda-sp: the structured Wanda baseline of the FLAP paper.
 
 Score of an input channel j of o_proj / down_proj: mean_i |W_ij| · ||X_j||₂ (Wanda's score over the
-column; a head sums its channels). Structure: uniform per layer and module (UL-UM), no bias
+column). A head scores the mean of its channels' standardised scores, which ranks the heads of a layer
+exactly as the reference's sum of raw channel scores (structured/search.py). Structure: uniform per layer
+and module (UL-UM), no bias
 compensation — FLAP's machinery with Wanda's score, so the comparison isolates FLAP's choices.
 """
 

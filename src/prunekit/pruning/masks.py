@@ -1,20 +1,38 @@
 """Mask rules, shared by every method and tested once against naive loops.
 
 All functions take a score matrix [out, in] (higher = more important) and return a boolean mask of
-the same shape that is True where a weight is PRUNED. Counts are exact: an unstructured layer at
-sparsity s loses round(s * numel) weights; per-row rules spread that total over the rows so that
-each row differs from the others by at most one weight.
+the same shape that is True where a weight is PRUNED.
+
+How many weights a row loses (`count`, per-row rules only):
+
+* ``"reference"`` (default): every row loses ``int(in_features * s)`` weights, as Wanda's reference code
+  (locuslab/wanda, lib/prune.py) prunes each output row. The layer may stay just under s (30 % of 576
+  inputs: 172 per row, 29.86 %).
+* ``"exact-total"``: the layer loses exactly ``round(s * rows * cols)`` weights, spread over the rows so
+  that rows differ by at most one weight (30 % of 576: most rows lose 173).
+
+Both agree whenever ``s * in_features`` is a whole number, e.g. at 50 % on even widths (every layer of
+the models benchmarked here). A layer-wide rule always prunes exactly ``round(s * numel)``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
 from prunekit.pruning.target import SparsityTarget
 
+CountRule = Literal["reference", "exact-total"]
+COUNT_RULES: tuple[str, ...] = ("reference", "exact-total")
 
-def row_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:
-    """How many weights each row loses so that the layer total is exactly round(s * rows * cols)."""
+
+def row_counts(rows: int, cols: int, sparsity: float, count: CountRule = "reference") -> torch.Tensor:
+    """How many weights each row loses under `count` (see the module docstring)."""
+    if count == "reference":
+        return torch.full((rows,), int(cols * sparsity), dtype=torch.long)
+    if count != "exact-total":
+        raise ValueError(f"unknown count rule {count!r}; accepted: {', '.join(COUNT_RULES)}")
     total = round(sparsity * rows * cols)
     base, extra = divmod(total, rows)
     counts = torch.full((rows,), base, dtype=torch.long)
@@ -41,9 +59,9 @@ def _lowest_k_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tenso
     return mask
 
 
-def unstructured_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+def unstructured_row_mask(scores: torch.Tensor, sparsity: float, count: CountRule = "reference") -> torch.Tensor:
     """Each output row competes on its own (Wanda's comparison group)."""
-    return _lowest_k_per_row(scores, row_counts(*scores.shape, sparsity))
+    return _lowest_k_per_row(scores, row_counts(*scores.shape, sparsity, count))
 
 
 def unstructured_layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -66,13 +84,14 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def mask_from_scores(scores: torch.Tensor, target: SparsityTarget, group: str = "row") -> torch.Tensor:
-    """Apply the target's pattern; `group` ('row' or 'layer') only matters for unstructured."""
+def mask_from_scores(scores: torch.Tensor, target: SparsityTarget, group: str = "row",
+                     count: CountRule = "reference") -> torch.Tensor:
+    """Apply the target's pattern; `group` ('row' or 'layer') and `count` only matter for unstructured."""
     if target.is_nm:
         return nm_mask(scores, target.n, target.m)  # type: ignore[arg-type]
     if group == "layer":
         return unstructured_layer_mask(scores, target.sparsity)
-    return unstructured_row_mask(scores, target.sparsity)
+    return unstructured_row_mask(scores, target.sparsity, count)
 
 
 def follows_nm(weight: torch.Tensor, n: int, m: int) -> bool:

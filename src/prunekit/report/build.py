@@ -1,7 +1,8 @@
 """Read run folders (prunekit.json manifests, eval JSONs, sweep matrices) and write REPORT_DIR.
 
 REPORT_DIR/index.html and REPORT_DIR/report.md reference PNG files in REPORT_DIR/plots/ by relative
-path, and the HTML has its style inline: the folder is viewable offline, anywhere it is copied.
+path, and the HTML has its style inline: the folder is viewable offline, anywhere it is copied. It is
+staged and renamed into place, with a marker that lets a later `--overwrite` replace it.
 
 A RUN_DIR is either a `prunekit prune` output (prunekit.json, optionally eval JSONs written with
 `prunekit eval ... --save-json RUN_DIR/eval.json`) or a `prunekit sweep` output (matrix.json plus runs/).
@@ -13,11 +14,20 @@ import html
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prunekit.errors import PrunekitError
+from prunekit.files import (
+    atomic_savefig,
+    atomic_write_text,
+    check_output_dir,
+    new_staging_dir,
+    publish_dir,
+    write_marker,
+)
 
 MANIFEST = "prunekit.json"
 MATRIX = "matrix.json"
@@ -147,7 +157,7 @@ def _plt():
 
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     _plt().close(fig)
     return f"plots/{path.name}"
 
@@ -373,10 +383,32 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
        "pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}")
 
 
-def build_report(folders: list[str | Path], out_dir: str | Path, *, title: str = "prunekit report") -> Path:
-    """Write index.html, report.md and plots/*.png into `out_dir`; returns the HTML path."""
+def build_report(folders: list[str | Path], out_dir: str | Path, *, title: str = "prunekit report",
+                 overwrite: bool = False) -> Path:
+    """Write index.html, report.md and plots/*.png into `out_dir`; returns the HTML path.
+
+    The folder is staged beside `out_dir` and renamed into place; `overwrite` replaces only an earlier prunekit
+    output, never one of the folders the report reads.
+    """
+    out = check_output_dir(out_dir, overwrite)
+    target = out.resolve()
+    for folder in folders:
+        source = Path(folder).resolve()
+        if source == target or target in source.parents:
+            raise PrunekitError(f"--out {out} would replace {folder}, which the report reads; choose another --out")
     runs, sweeps = collect_runs(folders)
-    out = Path(out_dir)
+    staging = new_staging_dir(out)
+    try:
+        _write_report(runs, sweeps, staging, title)
+        write_marker(staging, "report")
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out / "index.html"
+
+
+def _write_report(runs: list[Run], sweeps: list[Sweep], out: Path, title: str) -> None:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, str | None, str | None, list[str] | None, list[list[str]] | None, str | None]] = []
@@ -417,9 +449,7 @@ def build_report(folders: list[str | Path], out_dir: str | Path, *, title: str =
         if head and rows:
             md += [_md_table(head, rows), ""]
             body.append(_html_table(head, rows))
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
-    index = out / "index.html"
-    index.write_text(page)
-    return index
+    atomic_write_text(out / "index.html", page)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from prunekit.errors import PrunekitError
+from prunekit.files import atomic_write
 
 #: The paper's refusal phrases (Hasan et al., 2024; ../shared/data/README.md).
 REFUSAL_PREFIXES: tuple[str, ...] = (
@@ -101,13 +102,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_records(records: Sequence[dict[str, Any]], path: str | Path) -> None:
-    with Path(path).open("w", encoding="utf-8") as handle:
+    """One JSON line per record, written whole: the previous file stays until the new one is complete."""
+    with atomic_write(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def rejudge(path: str | Path, judges: Sequence[Judge]) -> list[dict[str, Any]]:
-    """Re-judge the responses of a finished run (its responses.jsonl) in place; no generation."""
+    """Re-judge the responses of a finished run (its responses.jsonl); the file is replaced whole, no generation."""
     records = read_records(path)
     apply_judges(records, judges)
     write_records(records, path)

@@ -22,7 +22,6 @@ Reproduce: ``python -m prunekit.safety.linear_shift --out benchmarks/results/lin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 from scipy import stats
 
+from prunekit.files import atomic_write_json
+from prunekit.pruning.masks import unstructured_row_mask
 from prunekit.safety.stats import paired_difference
 
 
@@ -81,15 +82,8 @@ def train_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay:
 
 
 def wanda_prune(w: torch.Tensor, x: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Zero the lowest |W_ij|·||X_j|| of each output row (Wanda's per-output comparison group)."""
-    score = w.abs() * x.norm(dim=0)
-    k = round(sparsity * w.shape[1])
-    if k == 0:
-        return w.clone()
-    drop = torch.argsort(score, dim=1)[:, :k]
-    pruned = w.clone()
-    pruned.scatter_(1, drop, 0.0)
-    return pruned
+    """Zero the lowest |W_ij|·||X_j|| of each output row: Wanda's comparison group and per-row count."""
+    return w.masked_fill(unstructured_row_mask(w.abs() * x.norm(dim=0), sparsity), 0.0)
 
 
 def _accuracy(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -194,8 +188,7 @@ def main(argv: list[str] | None = None) -> None:
           "% target, "
           f"{result['seconds']:.0f}s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        atomic_write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

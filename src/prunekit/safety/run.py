@@ -8,6 +8,8 @@ Output folder:
 * ``results.json`` — rates per template × category × severity with Wilson intervals, McNemar tests, analyses,
   throughput and provenance; recomputable from responses.jsonl (`summarize_records`) after re-judging;
 * ``refusal_vs_sparsity.png`` and ``report.md`` — the section for the report.
+The folder is staged and renamed into place at the end, with a marker that lets a later ``--overwrite``
+replace it; re-judging rewrites each file whole (a temporary file renamed over it), never in place.
 Nothing written to the terminal contains a prompt or an answer.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -24,7 +27,17 @@ from typing import Any
 
 import torch
 
+from prunekit.checks import check_device, check_positive
 from prunekit.errors import PrunekitError
+from prunekit.files import (
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    new_staging_dir,
+    publish_dir,
+    write_marker,
+)
 from prunekit.safety.data import Prompt, Task, build_prompts, load_suite, read_tasks, select_templates, subset
 from prunekit.safety.generate import Encoded, encode, generate, resolve_mode
 from prunekit.safety.judges import Judge, PrefixJudge, apply_judges, write_records
@@ -302,7 +315,7 @@ def plot_refusal(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -358,14 +371,13 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
 
     `loader` maps a model spec to a LoadedModel (default: prunekit.models.load_model) — tests pass tiny models.
     """
-    from prunekit.export import check_output_dir
-
     started = time.perf_counter()
     sparsities = check_sparsities(config.sparsities)
     if config.method != "wanda" and not sparsities:
         raise PrunekitError("--method needs --sparsities")
-    if config.max_new_tokens < 1:
-        raise PrunekitError(f"--max-new-tokens {config.max_new_tokens} must be at least 1")
+    check_positive({"--max-new-tokens": config.max_new_tokens, "--batch-size": config.batch_size,
+                    "--nsamples": config.nsamples, "--seqlen": config.seqlen, "--limit": config.limit})
+    check_device(config.device)
     if config.prompt_format not in ("auto", "chat", "plain"):
         raise PrunekitError(f"unknown --format {config.prompt_format!r}; expected auto, chat or plain")
     tasks, available = load_suite(config.tasks, config.template_files)
@@ -443,13 +455,19 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         if config.analyses else None,
         "seconds": time.perf_counter() - started,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_records(records, out / "responses.jsonl")
-    if config.analyses:
-        (out / "analyses.json").write_text(json.dumps({n: i.get("analyses") for n, i in infos.items()}))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    plot_refusal(main_summary, out / "refusal_vs_sparsity.png", f"{config.model}: refusal rate vs sparsity")
-    (out / "report.md").write_text(report_section(results))
+    staging = new_staging_dir(out)
+    try:
+        write_records(records, staging / "responses.jsonl")
+        if config.analyses:
+            atomic_write_json(staging / "analyses.json", {n: i.get("analyses") for n, i in infos.items()}, indent=None)
+        atomic_write_json(staging / "results.json", results, indent=1)
+        plot_refusal(main_summary, staging / "refusal_vs_sparsity.png", f"{config.model}: refusal rate vs sparsity")
+        atomic_write_text(staging / "report.md", report_section(results))
+        write_marker(staging, "safety")
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return results
 
 
@@ -467,7 +485,7 @@ def resummarize(out_dir: str | Path, judges: Sequence[Judge] | None = None) -> d
     names = list(dict.fromkeys(k for r in records for k in r["verdicts"]))
     results["summaries_by_judge"] = {n: summarize_records(records, n, baseline) for n in names}
     results["summary"] = results["summaries_by_judge"][names[0]]
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    atomic_write_json(out / "results.json", results, indent=1)
     return results
 
 

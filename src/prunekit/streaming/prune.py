@@ -113,7 +113,8 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     """
     from prunekit import __version__
     from prunekit.adapters import get_adapter
-    from prunekit.api import build_plan, check_device, check_run_options, check_widths, peak_memory, versions
+    from prunekit.api import build_plan, check_fits, peak_memory, versions
+    from prunekit.checks import check_device, check_positive
     from prunekit.distributed import agree, backend_name, check_rows
     from prunekit.engine import Engine, EngineOptions, StreamedBlocks
     from prunekit.engine.reduce import LocalReducer
@@ -126,8 +127,8 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     rank0 = reducer.rank == 0
     if not rank0:
         log = _silent
-    check_run_options(request.batch_size, request.device)
-    device = check_device(request.device)
+    check_positive({"--batch-size": request.batch_size, "--nsamples": request.nsamples, "--seqlen": request.seqlen})
+    device = torch.device(check_device(request.device))
     out_dtype_request = parse_dtype(request.dtype, "--dtype")
     compute_dtype = check_compute_dtype(parse_dtype(request.compute_dtype, "--compute-dtype"), device)
     activations_request = parse_dtype(request.activations_dtype, "--activations-dtype")
@@ -148,8 +149,8 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
         plan = None
     else:
         plan = build_plan(request.sparsity, request.pattern, request.overrides, request.skip,
-                          prune_head=request.prune_head, method=pruner, model=model)
-        check_widths(adapter, plan)
+                          prune_head=request.prune_head)
+        check_fits(model, adapter, plan, pruner, request.prune_head)
 
     staging = staging_dir(out)
     fingerprint = {"recipe": _sha(request.fingerprint_fields()), "model": checkpoint.fingerprint(),
@@ -340,7 +341,7 @@ def _self_calibration(request: StreamRequest, checkpoint, tokenizer, seqlen: int
             f"in memory ({gib(4 * parameters)} in fp32): about {seconds / 3600:.1f} h here; pass a text source "
             f"instead (--calib wikitext2, c4, or a .txt file), or fewer tokens (--nsamples, --seqlen)")
     log(f"sampling calibration text from the model: {tokens:,} tokens, about {seconds / 60:.0f} min")
-    from prunekit.api import check_device
+    from prunekit.checks import check_device
 
     loaded = load_model(checkpoint.resolved.gguf or checkpoint.resolved.folder,
                         trust_remote_code=request.trust_remote_code)

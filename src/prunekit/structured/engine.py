@@ -9,6 +9,7 @@ apply pass and output folder.
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,6 @@ def save_outputs(report: StructuredReport, model: nn.Module, tokenizer: Any, out
                  manifest: dict[str, Any], *, overwrite: bool = False, names: list[str] | None = None) -> list[Path]:
     """Save the applied model to OUT; with several plans (SEAP), one model per plan in OUT/NAME (the whole
     folder staged and renamed into place, like a single model)."""
-    import shutil
 
     from prunekit.export import check_output_dir, save_model
     from prunekit.files import MANIFEST, atomic_write_json, new_staging_dir, publish_dir
@@ -209,17 +209,18 @@ def save_outputs(report: StructuredReport, model: nn.Module, tokenizer: Any, out
         tasks = [name for name in report.plans if name in config.get("tasks", {})]
         names = {"all": list(report.plans), "tasks": tasks, "general": ["general"]}[config["outputs"]]
     root = check_output_dir(out, overwrite)
-    staging = new_staging_dir(root)
+    staging = new_staging_dir(root)  # every task model is written, then the folder appears at once
     try:
-        saved = []
+        paths = []
         for name in names or list(report.plans):
             pruned = model_for_plan(report, model, name)
             entry = {**manifest, "task_model": name, "overall_sparsity": report.plans[name].achieved}
-            saved.append(save_model(pruned, tokenizer, staging / name, entry).name)
+            save_model(pruned, tokenizer, staging / name, entry)
+            paths.append(root / name)
             del pruned
-        atomic_write_json(staging / MANIFEST, {**manifest, "task_models": saved})
+        atomic_write_json(staging / MANIFEST, {**manifest, "task_models": [p.name for p in paths]})
         publish_dir(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return [root / name for name in saved]
+    return paths

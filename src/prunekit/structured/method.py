@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 
 from prunekit.methods.base import MethodConfig
 from prunekit.structured.layout import LlamaStructure
-from prunekit.structured.search import block_units, search
+from prunekit.structured.search import ModuleUnits, block_units, search
 from prunekit.structured.shrink import StructurePlan, build_plan
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ class StructuredMethod:
     config_class: ClassVar[type[StructuredConfig]]
     structured: ClassVar[bool] = True
     updates_weights: ClassVar[bool] = False
+    #: Square the attention channel scores before standardising (FLAP's reference does; search.py).
+    square_heads: ClassVar[bool] = False
 
     def __init__(self, config: StructuredConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -64,14 +66,23 @@ class StructuredMethod:
         return {"name": self.name, "config": self.config.model_dump(), "structured": True,
                 "metric": self.metric, "bias_compensation": self.compensate}
 
+    def units(self, structure: LlamaStructure, stats: list[BlockStatistics] | None,
+              columns: list[dict | None] | None = None) -> tuple[list[ModuleUnits], list[ModuleUnits]]:
+        """Every block's scored head units and MLP channels, lowest score first (`columns`: the blocks' column
+        summaries from a collect pass; without them the weights are read from the in-memory blocks)."""
+        cfg = self.config
+        count = len(structure.blocks())
+        columns = columns or [None] * count
+        units = [block_units(structure, i, stats[i] if stats else None, self.metric, cfg.gqa, cfg.min_keep,
+                             self.square_heads, columns[i]) for i in range(count)]
+        return [u[0] for u in units], [u[1] for u in units]
+
     def plan(self, structure: LlamaStructure, stats: list[BlockStatistics] | list[BlockSummary] | None,
              sparsity: float) -> StructurePlan:
         """Score, search, and fix the kept indices (with the means that bias compensation needs)."""
         cfg = self.config
         stats, columns = _split(stats, len(structure.blocks()))
-        units = [block_units(structure, i, stats[i] if stats else None, self.metric, cfg.gqa, cfg.min_keep,
-                             columns[i]) for i in range(len(structure.blocks()))]
-        attn, mlp = [u[0] for u in units], [u[1] for u in units]
+        attn, mlp = self.units(structure, stats, columns)
         layouts = [structure.layout(b) for b in structure.blocks()]
         attn_counts, mlp_counts = search(cfg.structure, attn, mlp, layouts, sparsity, cfg.attention_sparsity)
         return build_plan(structure, attn, mlp, attn_counts, mlp_counts, stats, compensate=self.compensate,

@@ -9,8 +9,13 @@ Scores (per input channel j of o_proj / down_proj, W that layer's weight, X its 
 
 Channel scores are standardised over each layer's module (zero mean, unit deviation, as FLAP does, so
 layers can be compared), a head's score is the mean over its channels, a unit's score the mean over its
-heads. Removing a unit costs its parameters (layout.py); the target is a fraction of the prunable
-block parameters.
+heads. FLAP squares the attention channel scores before standardising (`square_heads`; its reference
+code, CASIA-IVA-Lab/FLAP lib/prune.py, does so for every metric and structure); the MLP channels are not
+squared. The wanda-sp and magnitude-sp references sum a head's raw channel scores: the mean of the
+standardised scores ranks a layer's heads exactly as that sum does (every head has head_dim channels and
+standardising is one increasing affine map per layer), and it keeps heads comparable with channels in the
+adaptive structures. Removing a unit costs its parameters (layout.py); the target is a fraction of the
+prunable block parameters.
 
 Structures (the search):
 
@@ -106,7 +111,7 @@ def _floor(total: int, min_keep: float) -> int:
 
 
 def block_units(structure: LlamaStructure, index: int, stats: BlockStatistics | None, metric: str, gqa: str,
-                min_keep: float, columns: dict[str, dict[str, torch.Tensor]] | None = None
+                min_keep: float, square_heads: bool = False, columns: dict[str, dict[str, torch.Tensor]] | None = None
                 ) -> tuple[ModuleUnits, ModuleUnits]:
     """Score one block's heads and channels and express them as removal units.
 
@@ -119,7 +124,8 @@ def block_units(structure: LlamaStructure, index: int, stats: BlockStatistics | 
         columns = structure.column_summaries(block)
     d, r, kv = layout.head_dim, layout.group_size, layout.kv_heads
 
-    head_scores = standardize(channel_scores(metric, columns["o_proj"], stats.attn if stats else None))
+    attn_channels = channel_scores(metric, columns["o_proj"], stats.attn if stats else None)
+    head_scores = standardize(attn_channels.square() if square_heads else attn_channels)
     head_scores = head_scores.view(layout.heads, d).mean(1).view(kv, r)  # heads of group g: g·r … g·r+r−1
     rule = resolve_gqa(gqa, layout)
     if rule == "query-heads":
