@@ -100,6 +100,7 @@ def prune(
     device: str = "cpu",
     prune_head: bool = False,
     progress: bool = True,
+    refine: str | None = None,
 ) -> PruneReport:
     """Prune `model` in place and return the report.
 
@@ -108,7 +109,7 @@ def prune(
     model). The LM head and embeddings are never pruned unless `prune_head=True`.
     """
     started = time.perf_counter()
-    pruner = build_method(method, method_options)
+    pruner = build_method(method, method_options, refine=refine)  # refine: e.g. "dsnot" after the method
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
 

@@ -64,6 +64,7 @@ def _structured_options(structure: str | None, metric: str | None, tasks: list[s
 def prune(
     model: Annotated[str | None, typer.Argument(help="Hub id, local HF folder, .gguf file or alias.")] = None,
     method: Annotated[str | None, typer.Option(help="magnitude, wanda, sparsegpt, ...")] = None,
+    refine: Annotated[str | None, typer.Option(help="Refine the method's masks: dsnot.")] = None,
     sparsity: Annotated[str | None, typer.Option(help="Fraction of weights to prune, in [0, 1).")] = None,
     pattern: Annotated[str | None, typer.Option(help="'unstructured' or N:M, e.g. 2:4.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration source (default: self).")] = None,
@@ -96,7 +97,7 @@ def prune(
 
     options = {**_parse_options(option), **_structured_options(structure, metric, task)}
     recipe = load_recipe(config, {
-        "model": model, "method": method,
+        "model": model, "method": method, "refine": refine,
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
         "propagate": propagate, "batch_size": batch_size, "device": device,
@@ -106,7 +107,7 @@ def prune(
     if recipe.out is None:
         raise PrunekitError("no output folder: pass --out DIR (or 'out:' in the recipe)")
     # validate everything cheap before loading anything
-    build_method(recipe.method, recipe.options)
+    build_method(recipe.method, recipe.options, refine=recipe.refine)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
     check_output_dir(recipe.out, recipe.overwrite)
 
@@ -115,7 +116,8 @@ def prune(
     load_seconds = time.perf_counter() - started
     before = _ppl(loaded, ppl, ppl_seqlen) if ppl else None
     report = run_prune(
-        loaded.model, method=recipe.method, sparsity=recipe.sparsity, pattern=recipe.pattern,
+        loaded.model, method=recipe.method, refine=recipe.refine, sparsity=recipe.sparsity,
+        pattern=recipe.pattern,
         calibration=recipe.calib, tokenizer=loaded.tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
         seed=recipe.seed, method_options=recipe.options, overrides=recipe.overrides, skip=recipe.skip,
         propagate=recipe.propagate, batch_size=recipe.batch_size, device=recipe.device,

@@ -7,6 +7,8 @@ reduce them across data-parallel ranks (`state()` / `merge()`).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 
@@ -16,6 +18,8 @@ class Statistic:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.tokens = 0
+        #: Calibration windows (rows of a [batch, seq, hidden] input) seen: some papers average per window.
+        self.windows = 0
         self.device = device
 
     def update(self, inputs: torch.Tensor) -> None:
@@ -24,8 +28,9 @@ class Statistic:
     def state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    @staticmethod
-    def _flat(inputs: torch.Tensor) -> torch.Tensor:
+    def _flat(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[tokens, in] fp32 view of a batch; counts its windows (a 2-D input is one window)."""
+        self.windows += inputs.shape[0] if inputs.dim() == 3 else 1
         return inputs.reshape(-1, inputs.shape[-1]).float()
 
 
@@ -47,7 +52,13 @@ class InputSquaredNorms(Statistic):
         return self.sum_squares.sqrt().float()
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens)}
+        return {"sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens),
+                "windows": torch.tensor(self.windows)}
+
+    def merge(self, other: InputSquaredNorms) -> None:
+        self.sum_squares += other.sum_squares.to(self.sum_squares.device)
+        self.tokens += other.tokens
+        self.windows += other.windows
 
 
 class InputHessian(Statistic):
@@ -69,7 +80,12 @@ class InputHessian(Statistic):
         return self.xtx * (2.0 / max(self.tokens, 1))
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"xtx": self.xtx, "tokens": torch.tensor(self.tokens)}
+        return {"xtx": self.xtx, "tokens": torch.tensor(self.tokens), "windows": torch.tensor(self.windows)}
+
+    def merge(self, other: InputHessian) -> None:
+        self.xtx += other.xtx.to(self.xtx.device)
+        self.tokens += other.tokens
+        self.windows += other.windows
 
 
 class InputMeanVariance(Statistic):
@@ -95,6 +111,7 @@ class InputMeanVariance(Statistic):
         self.sum += other.sum.to(self.sum.device)
         self.sum_squares += other.sum_squares.to(self.sum_squares.device)
         self.tokens += other.tokens
+        self.windows += other.windows
 
     def mean(self) -> torch.Tensor:
         return (self.sum / max(self.tokens, 1)).float()
@@ -112,4 +129,42 @@ class InputMeanVariance(Statistic):
         return self.sum_squares.sqrt().float()
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"sum": self.sum, "sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens)}
+        return {"sum": self.sum, "sum_squares": self.sum_squares, "tokens": torch.tensor(self.tokens),
+                "windows": torch.tensor(self.windows)}
+
+
+class CombinedStatistic(Statistic):
+    """Several statistics fed the same inputs, for a method built from two (a base method + a refiner).
+
+    `CombinedStatistic.of(A, B)` is a class the engine instantiates like any other statistic;
+    `part(A)` returns the gathered A.
+    """
+
+    parts: ClassVar[tuple[type[Statistic], ...]] = ()
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.members = {cls: cls(in_features, device) for cls in self.parts}
+
+    @classmethod
+    def of(cls, *parts: type[Statistic]) -> type[CombinedStatistic]:
+        unique = tuple(dict.fromkeys(parts))
+        return type(f"Combined[{','.join(p.__name__ for p in unique)}]", (cls,), {"parts": unique})
+
+    def part(self, cls: type[Statistic]) -> Statistic:
+        return self.members[cls]
+
+    def update(self, inputs: torch.Tensor) -> None:
+        for member in self.members.values():
+            member.update(inputs)
+        first = next(iter(self.members.values()))
+        self.tokens, self.windows = first.tokens, first.windows
+
+    def merge(self, other: CombinedStatistic) -> None:
+        for cls, member in self.members.items():
+            member.merge(other.members[cls])  # type: ignore[attr-defined]
+        self.tokens += other.tokens
+        self.windows += other.windows
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{cls.__name__}.{k}": v for cls, m in self.members.items() for k, v in m.state().items()}
