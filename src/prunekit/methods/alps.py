@@ -43,9 +43,25 @@ def normalized_gram(xtx: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, t
     return gram / scale[:, None] / scale[None, :], scale
 
 
+def lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k lowest scores (ties to the lower index): the same mask as a stable sort, in O(n)
+    with a selection; ADMM projects every iteration, where a full sort would cost more than the solve."""
+    flat = scores.flatten()
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= flat.numel():
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.kthvalue(flat, k).values
+    mask = flat < threshold
+    short = k - int(mask.sum())
+    if short > 0:
+        mask[torch.nonzero(flat == threshold).flatten()[:short]] = True
+    return mask.view_as(scores)
+
+
 def _pattern(values: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
-    """Pruned mask (True = zero) of [out, in] values: keep the largest |values| under the target's pattern."""
-    return mask_from_scores(values.abs(), target, group="layer")
+    """Pruned mask (True = zero) of [out, in] values: keep the largest |values| in every group of M."""
+    return mask_from_scores(values.abs(), target)
 
 
 def masked_cg(gram: torch.Tensor, rhs: torch.Tensor, support: torch.Tensor, start: torch.Tensor, iters: int,
@@ -57,11 +73,12 @@ def masked_cg(gram: torch.Tensor, rhs: torch.Tensor, support: torch.Tensor, star
     rho = (residual * residual).sum(0)
     limit = (rtol * rhs.norm(dim=0)).square()
     for _ in range(iters):
-        if bool((rho <= limit).all()):
+        running = rho > limit  # each column stops at its own tolerance
+        if not bool(running.any()):
             break
         projected = gram @ direction
         curvature = (direction * projected).sum(0)
-        alpha = rho / torch.where(curvature == 0, torch.ones_like(curvature), curvature)
+        alpha = rho / torch.where(curvature == 0, torch.ones_like(curvature), curvature) * running
         x = x + alpha * direction
         residual = (residual - alpha * projected) * support
         rho_next = (residual * residual).sum(0)
@@ -75,21 +92,24 @@ def alps_prune(weight: torch.Tensor, xtx: torch.Tensor, target: SparsityTarget, 
                eig: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (new weight with zeros, pruned mask) for an [out, in] weight; `eig` = (gram, scale, L, Q)
-    from `alps_factor` when a group shares one XᵀX."""
+    from `alps_factor` when a group shares one XᵀX. Computes in the weight's dtype (the engine: fp32)."""
     cfg = config or ALPSConfig()
     gram, scale, eigvals, eigvecs = eig if eig is not None else alps_factor(xtx, cfg.percdamp)
-    gram32, eigvecs32 = gram.float(), eigvecs.float()
-    dense = (weight.float() * scale.float()).t().contiguous()  # B in the paper: [in, out]
-    target_rhs = gram32 @ dense
+    dtype = weight.dtype
+    gram, scale, eigvals, eigvecs = gram.to(dtype), scale.to(dtype), eigvals.to(dtype), eigvecs.to(dtype)
+    dense = (weight * scale).t().contiguous()  # B in the paper: [in, out]
+    target_rhs = gram @ dense
     kept = weight.numel() - round(target.sparsity * weight.numel()) if not target.is_nm else \
         weight.numel() * (target.m - target.n) // target.m  # type: ignore[operator]
 
     def project(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pruned = _pattern(values.t(), target).t()
+        """Values are [in, out]: N:M groups run along `in` within an output, i.e. along columns here."""
+        pruned = _pattern(values.t(), target).t() if target.is_nm else \
+            lowest_k(values.abs(), round(target.sparsity * values.numel()))
         return values.masked_fill(pruned, 0.0), pruned
 
     def ridge_inverse(rho: float) -> torch.Tensor:
-        return (eigvecs32 * (1.0 / (eigvals + rho)).float()) @ eigvecs32.t()
+        return (eigvecs * (1.0 / (eigvals + rho))) @ eigvecs.t()
 
     rho = cfg.rho
     inverse = ridge_inverse(rho)
@@ -123,8 +143,8 @@ def alps_prune(weight: torch.Tensor, xtx: torch.Tensor, target: SparsityTarget, 
         if iteration >= cfg.switch_iter and change / kept < 0.0003:
             break
     b, pruned = project(b)
-    solved = masked_cg(gram32, target_rhs, (~pruned).float(), b, cfg.cg_iters, cfg.cg_rtol)
-    new_weight = (solved / scale.float()[:, None]).t().contiguous()
+    solved = masked_cg(gram, target_rhs, (~pruned).to(dtype), b, cfg.cg_iters, cfg.cg_rtol)
+    new_weight = (solved / scale[:, None]).t().contiguous()
     mask = pruned.t().contiguous()
     return new_weight.masked_fill(mask, 0.0), mask
 

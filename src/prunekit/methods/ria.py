@@ -57,21 +57,25 @@ def retained_score(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return scores.reshape(rows, cols // m, m).topk(m - n, dim=-1).values.sum()
 
 
-def lsa_refine(scores: torch.Tensor, order: torch.Tensor, n: int, m: int, chunk: int = 16) -> torch.Tensor:
-    """For each slot in turn, re-assign that slot's columns to groups so the kept score is maximal."""
+def lsa_refine(scores: torch.Tensor, order: torch.Tensor, n: int, m: int, chunk: int = 64) -> torch.Tensor:
+    """For each slot in turn, re-assign that slot's columns to the groups so the kept score is maximal.
+
+    The kept score of a group whose other m − 1 columns are fixed, once a candidate x joins them, is
+    (sum of their top k − 1) + max(x, their k-th largest), with k = m − n kept: no sort per pair."""
     order = order.clone()
     rows, cols = scores.shape
-    groups = cols // m
+    groups, keep = cols // m, m - n
     for slot in range(m):
         permuted = scores[:, order].reshape(rows, groups, m)
         candidates = permuted[:, :, slot]  # [rows, groups]: the column each group offers for this slot
-        others = permuted[:, :, [j for j in range(m) if j != slot]]  # [rows, groups, m-1]
+        others = permuted[:, :, [j for j in range(m) if j != slot]].sort(dim=-1, descending=True).values
+        base = others[..., : keep - 1].sum(dim=(0, 2)).double()  # [groups]
+        kth = others[..., keep - 1]  # [rows, groups]
         gain = torch.empty(groups, groups, dtype=torch.float64)
         for start in range(0, groups, chunk):
-            host = others[:, start : start + chunk]  # groups receiving a candidate
-            trial = torch.cat([candidates[:, None, :, None].expand(rows, host.shape[1], groups, 1),
-                               host[:, :, None, :].expand(rows, host.shape[1], groups, m - 1)], dim=-1)
-            gain[start : start + chunk] = trial.topk(m - n, dim=-1).values.sum(dim=(0, -1)).double()
+            host_kth = kth[:, start : start + chunk]  # groups receiving a candidate
+            best = torch.maximum(candidates[:, None, :], host_kth[:, :, None]).sum(dim=0)
+            gain[start : start + chunk] = best.double() + base[start : start + chunk, None]
         _, chosen = linear_sum_assignment(gain.numpy(), maximize=True)
         slot_columns = order[slot::m].clone()
         order[slot::m] = slot_columns[torch.as_tensor(chosen)]
