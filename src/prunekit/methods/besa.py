@@ -90,7 +90,7 @@ class _RowSparsity:
         # P(pruned | rank k) = Σ_{cut > k} p = tail sum of at_cut from k + 1
         pruned_by_rank = at_cut.flip(1).cumsum(1).flip(1)[:, 1:]
         soft = 1.0 - pruned_by_rank.gather(1, self.rank)
-        return hard + soft - soft.detach()
+        return hard + (soft - soft.detach())  # exactly `hard` in the forward
 
 
 def exact_row_counts(row_sparsities: list[torch.Tensor], widths: list[int], total: int) -> list[torch.Tensor]:
@@ -207,13 +207,12 @@ def besa_prune_block(linears: dict[str, nn.Module], block_forward: Callable[[tor
                     error = ((reference - output) / scale).square().sum() / reference.shape[-1]
                     sparsity = sum(learners[n].row_sparsity().mean() * numels[n] for n in learners) / total_params
                     penalty = cfg.sparsity_beta * ((sparsity - block_target) / max(block_target, 1e-8)) ** 2
-                    loss = error + penalty
-                    grads = torch.autograd.grad(loss, params)
+                    grads = torch.autograd.grad(error + penalty, params)
                 for param, grad in zip(params, grads, strict=True):
                     param.grad = grad
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append((float(error), float(sparsity)))
+                losses.append((error.item(), sparsity.item()))
             if progress is not None:
                 mean_error = sum(e for e, _ in losses) / len(losses)
                 progress(f"besa epoch {epoch + 1}/{cfg.epochs}: reconstruction {mean_error:.4g}, "
