@@ -111,7 +111,7 @@ def test_cached_gradients_serve_several_sparsities_and_patterns(tmp_path):
 def test_gradients_of_another_model_are_refused(tmp_path):
     path = tmp_path / "gpt2.safetensors"
     compute_gradient_norms(build("gpt2"), random_ids(n=2, seqlen=8), path=path)
-    with pytest.raises(PrunekitError, match="has no entry for layer model.layers.0.self_attn.q_proj"):
+    with pytest.raises(PrunekitError, match=r"has no entry for layer model\.layers\.0\.self_attn\.q_proj"):
         prune(build("llama"), method="gblm", sparsity=0.5, calibration=random_ids(), progress=False,
               method_options={"gradients": str(path)})
 
