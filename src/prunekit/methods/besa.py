@@ -43,6 +43,9 @@ class BESAConfig(MethodConfig):
     sparsity_beta: float = 5.0
     #: Calibration windows per optimisation step (reference: 1).
     batch_size: int = 1
+    #: torch threads while learning (thousands of mid-sized ops: on a shared CPU one thread is steadier
+    #: and often faster); None leaves the setting alone.
+    threads: int | None = 1
 
 
 class _Masked(nn.Module):
@@ -87,9 +90,8 @@ class _RowSparsity:
         hard = (self.rank >= counts.unsqueeze(1)).float()
         at_cut = torch.zeros(rows, self.cols + 1, device=probs.device, dtype=probs.dtype)
         at_cut = at_cut.scatter_add(1, self.cut.expand(rows, -1), probs)
-        # P(pruned | rank k) = Σ_{cut > k} p = tail sum of at_cut from k + 1
-        pruned_by_rank = at_cut.flip(1).cumsum(1).flip(1)[:, 1:]
-        soft = 1.0 - pruned_by_rank.gather(1, self.rank)
+        # P(kept | rank k) = P(cut <= k): a running sum over the cut positions
+        soft = at_cut.cumsum(dim=1)[:, : self.cols].gather(1, self.rank)
         return hard + (soft - soft.detach())  # exactly `hard` in the forward
 
 
@@ -189,6 +191,9 @@ def besa_prune_block(linears: dict[str, nn.Module], block_forward: Callable[[tor
     params = [learner.logits for learner in learners.values()]
     windows = [(b, r) for b, batch in enumerate(inputs) for r in range(batch.shape[0])]
     optimizer = _optimizer(params, cfg)
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
         for name, module in linears.items():
             module.weight.requires_grad_(False)
@@ -218,6 +223,7 @@ def besa_prune_block(linears: dict[str, nn.Module], block_forward: Callable[[tor
                 progress(f"besa epoch {epoch + 1}/{cfg.epochs}: reconstruction {mean_error:.4g}, "
                          f"sparsity {losses[-1][1]:.4f} (target {block_target:.4f})")
     finally:
+        torch.set_num_threads(threads_before)
         for name, module in linears.items():
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
