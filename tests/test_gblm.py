@@ -127,3 +127,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "prune", str(tmp_path / "m"), "--method", "gblm", "--option", f"gradients={other}",
                        "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "not written by prunekit")
+
+
+def test_cli_gradients_then_prune(tmp_path, capsys):
+    import json
+
+    from tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "tiny")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["the state of the union is strong and we will work"] * 200))
+    grads = tmp_path / "g.safetensors"
+    calib = ["--calib", str(text), "--nsamples", "3", "--seqlen", "32"]
+    code, out, err = run(capsys, "gradients", str(folder), *calib, "--out", str(grads))
+    assert code == 0 and "3 windows x 32 tokens" in out, err
+    code, _, err = run(capsys, "prune", str(folder), "--method", "gblm", "--option", f"gradients={grads}", *calib,
+                       "--out", str(tmp_path / "pruned"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "pruned" / "prunekit.json").read_text())
+    assert manifest["method"]["config"]["gradients"] == str(grads)
+    assert abs(manifest["overall_sparsity"] - 0.5) < 1e-3
+    code, _, err = run(capsys, "gradients", str(folder), *calib, "--out", str(grads))
+    assert_one_line_error(code, err, "exists")

@@ -1,4 +1,4 @@
-"""Command line: `prunekit prune`, `eval`, `speed`, `demo`, `sweep`, `report` and `safety`.
+"""Command line: `prunekit prune`, `gradients`, `eval`, `speed`, `demo`, `sweep`, `report` and `safety`.
 
 Every user error ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -163,6 +163,35 @@ def _print_table(model: str, method: str, sparsity: float, pattern: str, before:
                   str(after["seqlen"]))
     out.print(table)
     out.print(f"[dim]protocol: {before.get('protocol', '')}[/]")
+
+
+@app.command()
+def gradients(
+    model: Annotated[str, typer.Argument(help="Hub id, local HF folder, .gguf file or alias.")],
+    out_file: Annotated[Path, typer.Option("--out", help="safetensors file to write (for --option gradients=).")],
+    calib: Annotated[str, typer.Option(help="Calibration source: the same as the prune run's.")] = "self",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows (one backward each).")] = 128,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per window.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the windows.")] = 0,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
+) -> None:
+    """GBLM's gradient norms of MODEL on the calibration windows, cached for `prune --method gblm`."""
+    from prunekit.api import prepare_calibration
+    from prunekit.models import load_model
+    from prunekit.pruning.gradients import compute_gradient_norms
+
+    if out_file.suffix != ".safetensors":
+        raise PrunekitError(f"--out {out_file} must end in .safetensors")
+    if out_file.exists():
+        raise PrunekitError(f"--out {out_file} exists; gradients are never overwritten (delete it first)")
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    ids, provenance = prepare_calibration(calib, loaded.tokenizer, loaded.model, nsamples=nsamples,
+                                          seqlen=seqlen, seed=seed)
+    t0 = time.perf_counter()
+    compute_gradient_norms(loaded.model, ids, path=out_file, metadata={"model": loaded.provenance, **provenance},
+                           log=lambda m: err.print(f"[dim]{m}[/]"))
+    out.print(f"saved {out_file} ({ids.shape[0]} windows x {ids.shape[1]} tokens, "
+              f"{time.perf_counter() - t0:.1f}s)")
 
 
 @app.command("eval")
