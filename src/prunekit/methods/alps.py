@@ -13,6 +13,8 @@ Jacobi since the diagonal is 1). Weights: updated.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from prunekit.methods.base import MethodConfig, PruneResult, PruningMethod
@@ -20,6 +22,8 @@ from prunekit.methods.registry import register
 from prunekit.pruning.masks import mask_from_scores
 from prunekit.pruning.statistics import InputHessian
 from prunekit.pruning.target import SparsityTarget
+
+log = logging.getLogger(__name__)
 
 
 class ALPSConfig(MethodConfig):
@@ -142,6 +146,7 @@ def alps_prune(weight: torch.Tensor, xtx: torch.Tensor, target: SparsityTarget, 
         inverse = ridge_inverse(rho)
         if iteration >= cfg.switch_iter and change / kept < 0.0003:
             break
+    log.debug("ALPS: %d ADMM iterations, final rho %.3g", iteration + 1, rho)
     b, pruned = project(b)
     solved = masked_cg(gram, target_rhs, (~pruned).to(dtype), b, cfg.cg_iters, cfg.cg_rtol)
     new_weight = (solved / scale[:, None]).t().contiguous()
