@@ -152,6 +152,7 @@ def prune(
     progress: bool = True,
     activations_dtype: torch.dtype | None = None,
     reducer: Any = None,
+    refine: str | None = None,
 ) -> PruneReport:
     """Prune an in-memory `model` in place and return the report.
 
@@ -165,7 +166,7 @@ def prune(
     started = time.perf_counter()
     check_positive({"batch_size": batch_size, "nsamples": nsamples, "seqlen": seqlen})
     device = check_device(device, "device")
-    pruner = build_method(method, method_options)
+    pruner = build_method(method, method_options, refine=refine)  # refine: e.g. "dsnot" after the method
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
 

@@ -1,4 +1,4 @@
-"""Command line: `prunekit prune`, `eval`, `speed`, `demo`, `sweep`, `report` and `safety`.
+"""Command line: `prunekit prune`, `gradients`, `eval`, `speed`, `demo`, `sweep`, `report` and `safety`.
 
 Every user error ends as one line `error: ...` on stderr with exit status 2.
 """
@@ -65,6 +65,7 @@ def _structured_options(structure: str | None, metric: str | None, tasks: list[s
 def prune(
     model: Annotated[str | None, typer.Argument(help="Hub id, local HF folder, .gguf file or alias.")] = None,
     method: Annotated[str | None, typer.Option(help="magnitude, wanda, sparsegpt, ...")] = None,
+    refine: Annotated[str | None, typer.Option(help="Refine the method's masks: dsnot.")] = None,
     sparsity: Annotated[str | None, typer.Option(help="Fraction of weights to prune, in [0, 1).")] = None,
     pattern: Annotated[str | None, typer.Option(help="'unstructured' or N:M, e.g. 2:4.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration source (default: self).")] = None,
@@ -111,7 +112,7 @@ def prune(
 
     options = {**_parse_options(option), **_structured_options(structure, metric, task)}
     recipe = load_recipe(config, {
-        "model": model, "method": method,
+        "model": model, "method": method, "refine": refine,
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
         "propagate": propagate, "batch_size": batch_size, "device": device, "prune_head": prune_head,
@@ -126,7 +127,7 @@ def prune(
     check_positive({"--batch-size": recipe.batch_size, "--nsamples": recipe.nsamples, "--seqlen": recipe.seqlen,
                     "--ppl-seqlen": ppl_seqlen})
     device = check_device(recipe.device)
-    build_method(recipe.method, recipe.options)
+    build_method(recipe.method, recipe.options, refine=recipe.refine)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
     parse_dtype(recipe.dtype, "--dtype")
     check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), torch.device(device))
@@ -155,7 +156,8 @@ def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str
     from prunekit.streaming import StreamRequest, prune_files
 
     request = StreamRequest(
-        spec=spec, out=recipe.out, method=recipe.method, options=recipe.options, sparsity=recipe.sparsity,
+        spec=spec, out=recipe.out, method=recipe.method, refine=recipe.refine, options=recipe.options,
+        sparsity=recipe.sparsity,
         pattern=recipe.pattern, overrides=recipe.overrides, skip=recipe.skip, calib=recipe.calib,
         nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed, propagate=recipe.propagate,
         batch_size=recipe.batch_size, device=recipe.device, prune_head=recipe.prune_head, dtype=recipe.dtype,
@@ -219,7 +221,8 @@ def _prune_in_memory(recipe, spec: str, ppl: str | None, ppl_seqlen: int, trust_
     load_seconds = time.perf_counter() - started
     before = _ppl(loaded, ppl, ppl_seqlen) if ppl else None
     report = run_prune(
-        loaded.model, method=recipe.method, sparsity=recipe.sparsity, pattern=recipe.pattern,
+        loaded.model, method=recipe.method, refine=recipe.refine, sparsity=recipe.sparsity,
+        pattern=recipe.pattern,
         calibration=recipe.calib, tokenizer=loaded.tokenizer, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
         seed=recipe.seed, method_options=recipe.options, overrides=recipe.overrides, skip=recipe.skip,
         propagate=recipe.propagate, batch_size=recipe.batch_size, device=recipe.device,
@@ -271,6 +274,35 @@ def _print_table(model: str, method: str, sparsity: float, pattern: str, before:
                   str(after["seqlen"]))
     out.print(table)
     out.print(f"[dim]protocol: {before.get('protocol', '')}[/]")
+
+
+@app.command()
+def gradients(
+    model: Annotated[str, typer.Argument(help="Hub id, local HF folder, .gguf file or alias.")],
+    out_file: Annotated[Path, typer.Option("--out", help="safetensors file to write (for --option gradients=).")],
+    calib: Annotated[str, typer.Option(help="Calibration source: the same as the prune run's.")] = "self",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows (one backward each).")] = 128,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per window.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the windows.")] = 0,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
+) -> None:
+    """GBLM's gradient norms of MODEL on the calibration windows, cached for `prune --method gblm`."""
+    from prunekit.api import prepare_calibration
+    from prunekit.models import load_model
+    from prunekit.pruning.gradients import compute_gradient_norms
+
+    if out_file.suffix != ".safetensors":
+        raise PrunekitError(f"--out {out_file} must end in .safetensors")
+    if out_file.exists():
+        raise PrunekitError(f"--out {out_file} exists; gradients are never overwritten (delete it first)")
+    loaded = load_model(model, trust_remote_code=trust_remote_code)
+    ids, provenance = prepare_calibration(calib, loaded.tokenizer, loaded.model, nsamples=nsamples,
+                                          seqlen=seqlen, seed=seed)
+    t0 = time.perf_counter()
+    compute_gradient_norms(loaded.model, ids, path=out_file, metadata={"model": loaded.provenance, **provenance},
+                           log=lambda m: err.print(f"[dim]{m}[/]"))
+    out.print(f"saved {out_file} ({ids.shape[0]} windows x {ids.shape[1]} tokens, "
+              f"{time.perf_counter() - t0:.1f}s)")
 
 
 @app.command("eval")

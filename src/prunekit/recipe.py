@@ -16,6 +16,8 @@ class Recipe(BaseModel):
 
     model: str | None = None
     method: str = "wanda"
+    #: A mask refiner run after the method (e.g. "dsnot"); its options are prefixed "dsnot.".
+    refine: str | None = None
     sparsity: float = 0.5
     pattern: str = "unstructured"
     calib: str = "self"

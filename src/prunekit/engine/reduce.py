@@ -51,14 +51,14 @@ class DistributedReducer(LocalReducer):
 
     def reduce(self, statistics: Iterable[Statistic]) -> None:
         for statistic in statistics:
-            for name in statistic.fields:
-                tensor = getattr(statistic, name)
+            accumulators = statistic.accumulators()
+            for tensor in accumulators:
                 self._dist.all_reduce(tensor)
                 self.bytes_reduced += tensor.numel() * tensor.element_size()
-            device = getattr(statistic, statistic.fields[0]).device
-            tokens = torch.tensor([statistic.tokens], dtype=torch.int64, device=device)
-            self._dist.all_reduce(tokens)
-            statistic.tokens = int(tokens.item())
+            device = accumulators[0].device if accumulators else torch.device("cpu")
+            counts = torch.tensor([statistic.tokens, statistic.windows], dtype=torch.int64, device=device)
+            self._dist.all_reduce(counts)
+            statistic.set_counts(int(counts[0]), int(counts[1]))
 
     def share(self, tensors: list[torch.Tensor]) -> None:
         for tensor in tensors:

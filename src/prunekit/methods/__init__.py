@@ -1,6 +1,19 @@
 """Pruning methods, one file each, registered by name."""
 
-from prunekit.methods import flap, magnitude, magnitude_sp, seap, sparsegpt, wanda, wanda_sp  # noqa: F401  (registration)
+from prunekit.methods import (  # noqa: F401  (registration)
+    alps,
+    besa,
+    dsnot,
+    flap,
+    gblm,
+    magnitude,
+    magnitude_sp,
+    ria,
+    seap,
+    sparsegpt,
+    wanda,
+    wanda_sp,
+)
 from prunekit.methods.base import MethodConfig, PruneResult, PruningMethod
 from prunekit.methods.registry import METHODS, build_method, register
 

@@ -31,10 +31,15 @@ class MethodConfig(BaseModel):
 
 @dataclass
 class PruneResult:
-    """The layer's new weight (zeros where pruned, possibly updated elsewhere) and the pruned mask."""
+    """The layer's new weight (zeros where pruned, possibly updated elsewhere) and the pruned mask.
+
+    `column_order`, when set, is the input-channel permutation under which an N:M pattern holds
+    (`mask[:, column_order]` is N:M): RIA's channel reallocation.
+    """
 
     weight: torch.Tensor
     mask: torch.Tensor
+    column_order: torch.Tensor | None = None
 
 
 class PruningMethod(ABC):

@@ -25,33 +25,43 @@ class Statistic:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.tokens = 0
+        #: Calibration windows (rows of a [batch, seq, hidden] input) seen: some papers average per window.
+        self.windows = 0
         self.device = device
 
     def update(self, inputs: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def accumulators(self) -> list[torch.Tensor]:
+        """The live tensors that add up across batches and ranks (what the engine all-reduces)."""
+        return [getattr(self, name) for name in self.fields]
+
+    def set_counts(self, tokens: int, windows: int) -> None:
+        self.tokens, self.windows = tokens, windows
+
     def state(self) -> dict[str, torch.Tensor]:
-        """The accumulators (live tensors) and the token count."""
-        return {**{name: getattr(self, name) for name in self.fields}, "tokens": torch.tensor(self.tokens)}
+        """The accumulators (live tensors) and the counts."""
+        return {**{name: getattr(self, name) for name in self.fields}, "tokens": torch.tensor(self.tokens),
+                "windows": torch.tensor(self.windows)}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         for name in self.fields:
             getattr(self, name).copy_(state[name])
-        self.tokens = int(state["tokens"])
+        self.set_counts(int(state["tokens"]), int(state.get("windows", torch.tensor(0))))
 
     def merge(self, other: Statistic) -> None:
         """Add another accumulator's tokens (another task, batch or rank) to this one."""
-        for name in self.fields:
-            mine = getattr(self, name)
-            mine += getattr(other, name).to(mine.device)
-        self.tokens += other.tokens
+        for mine, theirs in zip(self.accumulators(), other.accumulators(), strict=True):
+            mine += theirs.to(mine.device)
+        self.set_counts(self.tokens + other.tokens, self.windows + other.windows)
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in self.fields)
+        return sum(t.numel() * t.element_size() for t in self.accumulators())
 
-    @staticmethod
-    def _flat(inputs: torch.Tensor) -> torch.Tensor:
+    def _flat(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[tokens, in] fp32 view of a batch; counts its windows (a 2-D input is one window)."""
+        self.windows += inputs.shape[0] if inputs.dim() == 3 else 1
         return inputs.reshape(-1, inputs.shape[-1]).float()
 
 
@@ -133,3 +143,48 @@ class InputMeanVariance(Statistic):
         """||X_j||₂ over all tokens (what Wanda's score multiplies |W| by)."""
         return self.sum_squares.sqrt().float()
 
+
+class CombinedStatistic(Statistic):
+    """Several statistics fed the same inputs, for a method built from two (a base method + a refiner).
+
+    `CombinedStatistic.of(A, B)` is a class the engine instantiates like any other statistic;
+    `part(A)` returns the gathered A.
+    """
+
+    parts: ClassVar[tuple[type[Statistic], ...]] = ()
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.members = {cls: cls(in_features, device) for cls in self.parts}
+
+    @classmethod
+    def of(cls, *parts: type[Statistic]) -> type[CombinedStatistic]:
+        unique = tuple(dict.fromkeys(parts))
+        return type(f"Combined[{','.join(p.__name__ for p in unique)}]", (cls,), {"parts": unique})
+
+    def part(self, cls: type[Statistic]) -> Statistic:
+        return self.members[cls]
+
+    def update(self, inputs: torch.Tensor) -> None:
+        for member in self.members.values():
+            member.update(inputs)
+        first = next(iter(self.members.values()))
+        self.tokens, self.windows = first.tokens, first.windows
+
+    def accumulators(self) -> list[torch.Tensor]:
+        return [tensor for member in self.members.values() for tensor in member.accumulators()]
+
+    def set_counts(self, tokens: int, windows: int) -> None:
+        super().set_counts(tokens, windows)
+        for member in self.members.values():
+            member.set_counts(tokens, windows)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"{cls.__name__}.{k}": v for cls, m in self.members.items() for k, v in m.state().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for cls, member in self.members.items():
+            prefix = f"{cls.__name__}."
+            member.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        first = next(iter(self.members.values()))
+        super().set_counts(first.tokens, first.windows)

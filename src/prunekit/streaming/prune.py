@@ -73,6 +73,7 @@ class StreamRequest:
     spec: str
     out: str
     method: str = "wanda"
+    refine: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     sparsity: float = 0.5
     pattern: str | None = None
@@ -132,7 +133,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     out_dtype_request = parse_dtype(request.dtype, "--dtype")
     compute_dtype = check_compute_dtype(parse_dtype(request.compute_dtype, "--compute-dtype"), device)
     activations_request = parse_dtype(request.activations_dtype, "--activations-dtype")
-    pruner = build_method(request.method, request.options)
+    pruner = build_method(request.method, request.options, refine=request.refine)
     structured = getattr(pruner, "structured", False)
     out = check_output_dir(request.out, overwrite)
     checkpoint = open_checkpoint(request.spec, trust_remote_code=request.trust_remote_code)
