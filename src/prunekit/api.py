@@ -19,6 +19,7 @@ from prunekit.errors import PrunekitError
 from prunekit.methods import build_method
 from prunekit.methods.base import PruningMethod
 from prunekit.pruning import SparsityPlan
+from prunekit.pruning.owl import OwlProgram, split_allocation_options
 
 
 def versions() -> dict[str, str]:
@@ -49,6 +50,8 @@ class PruneReport:
     options: dict[str, Any]
     seconds: float
     memory: dict[str, float] = field(default_factory=dict)
+    #: per-block sparsities of a sparsity allocation (OWL), when one was used
+    allocation: dict[str, Any] | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -64,6 +67,7 @@ class PruneReport:
             "options": self.options,
             "timings_s": {**self.engine.timings, "total": self.seconds},
             "memory": self.memory,
+            "allocation": self.allocation,
             "versions": versions(),
         }
 
@@ -153,6 +157,7 @@ def prune(
     activations_dtype: torch.dtype | None = None,
     reducer: Any = None,
     refine: str | None = None,
+    sparsity_allocation: str | None = None,
 ) -> PruneReport:
     """Prune an in-memory `model` in place and return the report.
 
@@ -166,6 +171,7 @@ def prune(
     started = time.perf_counter()
     check_positive({"batch_size": batch_size, "nsamples": nsamples, "seqlen": seqlen})
     device = check_device(device, "device")
+    method_options, allocation = split_allocation_options(sparsity_allocation, method_options)
     pruner = build_method(method, method_options, refine=refine)  # refine: e.g. "dsnot" after the method
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
@@ -190,7 +196,8 @@ def prune(
     options = EngineOptions(batch_size=batch_size, device=device, progress=progress,
                             activations_dtype=activations_dtype)
     engine = Engine(InMemoryBlocks(model, adapter, torch.device(device)), options=options, reducer=reducer)
-    result = engine.run(pruner.program(plan, adapter, propagate=propagate), ids)
+    program = build_program(pruner, plan, adapter, propagate, allocation)
+    result = engine.run(program, ids)
     if prune_head:
         result.layers.extend(prune_head_layers(adapter, plan, pruner))
     if ids is not None:
@@ -204,7 +211,17 @@ def prune(
                  "adapter": adapter.family, "world_size": getattr(reducer, "world_size", 1)},
         seconds=time.perf_counter() - started,
         memory=peak_memory(),
+        allocation=program.describe() if hasattr(program, "describe") else None,
     )
+
+
+def build_program(pruner, plan: SparsityPlan, adapter, propagate: str, allocation):
+    """The engine passes of a per-layer method, under a sparsity allocation (OWL) when one is asked for."""
+    if allocation is None:
+        return pruner.program(plan, adapter, propagate=propagate)
+    if getattr(pruner, "structured", False):
+        raise PrunekitError(f"--sparsity-allocation owl allocates per-layer sparsities; {pruner.name} plans its own")
+    return OwlProgram(pruner, plan, adapter, propagate=propagate, config=allocation)
 
 
 def build_plan(sparsity, pattern, overrides, skip, *, prune_head: bool) -> SparsityPlan:

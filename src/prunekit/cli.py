@@ -82,6 +82,8 @@ def prune(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
     prune_head: Annotated[bool | None, typer.Option(
         "--prune-head", help="Also prune the LM head (magnitude only; refused when tied to the embeddings).")] = None,
+    sparsity_allocation: Annotated[str | None, typer.Option(
+        help="Per-block sparsities around the target: owl (options owl.m, owl.lam).")] = None,
     stream: Annotated[bool | None, typer.Option("--stream/--no-stream", help="Block by block from disk (default "
                                                 "for models on disk) or the whole model in memory.")] = None,
     dtype: Annotated[str | None, typer.Option(help="Output dtype: float32, bfloat16, float16 (default: the "
@@ -105,6 +107,7 @@ def prune(
     from prunekit.files import check_output_dir
     from prunekit.methods import build_method
     from prunekit.pruning import SparsityPlan
+    from prunekit.pruning.owl import split_allocation_options
     from prunekit.pruning.target import check_sparsity
     from prunekit.recipe import load_recipe
     from prunekit.streaming.budget import parse_size
@@ -112,7 +115,7 @@ def prune(
 
     options = {**_parse_options(option), **_structured_options(structure, metric, task)}
     recipe = load_recipe(config, {
-        "model": model, "method": method, "refine": refine,
+        "model": model, "method": method, "refine": refine, "sparsity_allocation": sparsity_allocation,
         "sparsity": None if sparsity is None else check_sparsity(sparsity), "pattern": pattern, "calib": calib,
         "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "out": out_dir, "overwrite": overwrite,
         "propagate": propagate, "batch_size": batch_size, "device": device, "prune_head": prune_head,
@@ -127,7 +130,8 @@ def prune(
     check_positive({"--batch-size": recipe.batch_size, "--nsamples": recipe.nsamples, "--seqlen": recipe.seqlen,
                     "--ppl-seqlen": ppl_seqlen})
     device = check_device(recipe.device)
-    build_method(recipe.method, recipe.options, refine=recipe.refine)
+    method_options, _allocation = split_allocation_options(recipe.sparsity_allocation, recipe.options)
+    build_method(recipe.method, method_options, refine=recipe.refine)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
     parse_dtype(recipe.dtype, "--dtype")
     check_compute_dtype(parse_dtype(recipe.compute_dtype, "--compute-dtype"), torch.device(device))
@@ -156,8 +160,8 @@ def _prune_streamed(recipe, spec: str, limit: int | None, resume: bool, ppl: str
     from prunekit.streaming import StreamRequest, prune_files
 
     request = StreamRequest(
-        spec=spec, out=recipe.out, method=recipe.method, refine=recipe.refine, options=recipe.options,
-        sparsity=recipe.sparsity,
+        spec=spec, out=recipe.out, method=recipe.method, refine=recipe.refine,
+        sparsity_allocation=recipe.sparsity_allocation, options=recipe.options, sparsity=recipe.sparsity,
         pattern=recipe.pattern, overrides=recipe.overrides, skip=recipe.skip, calib=recipe.calib,
         nsamples=recipe.nsamples, seqlen=recipe.seqlen, seed=recipe.seed, propagate=recipe.propagate,
         batch_size=recipe.batch_size, device=recipe.device, prune_head=recipe.prune_head, dtype=recipe.dtype,
@@ -228,6 +232,7 @@ def _prune_in_memory(recipe, spec: str, ppl: str | None, ppl_seqlen: int, trust_
         propagate=recipe.propagate, batch_size=recipe.batch_size, device=recipe.device,
         prune_head=recipe.prune_head, activations_dtype=parse_dtype(recipe.activations_dtype, "--activations-dtype"),
         progress=reducer.rank == 0, reducer=reducer,
+        sparsity_allocation=recipe.sparsity_allocation,
     )
     distributed.finish(reducer)
     if reducer.rank != 0:  # every rank holds the same pruned model: rank 0 writes it

@@ -18,6 +18,8 @@ class Recipe(BaseModel):
     method: str = "wanda"
     #: A mask refiner run after the method (e.g. "dsnot"); its options are prefixed "dsnot.".
     refine: str | None = None
+    #: Per-block sparsities around the target (OWL); its options are prefixed "owl." (owl.m, owl.lam).
+    sparsity_allocation: str | None = None
     sparsity: float = 0.5
     pattern: str = "unstructured"
     calib: str = "self"

@@ -130,7 +130,8 @@ class Engine:
                                    call=self._calls[store.shape[0]][index].to(self.device) if store else None,
                                    activations=store, batch_size=self.options.batch_size, device=self.device,
                                    compute_dtype=self._compute_dtype(), reduce=self.reducer.reduce,
-                                   decides=self.reducer.rank == 0, share=self.reducer.share)
+                                   decides=self.reducer.rank == 0, share=self.reducer.share,
+                                   world_size=self.reducer.world_size)
                 timings.update(current.process(ctx))
                 if sink is not None:
                     t0 = time.perf_counter()

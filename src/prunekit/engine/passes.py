@@ -65,6 +65,12 @@ class BlockContext:
     decides: bool = True
     #: send these tensors from the deciding rank to every other (in place); nothing to do in one process
     share: Callable[[list[torch.Tensor]], None] = lambda tensors: None
+    world_size: int = 1
+
+    def run_block(self, batch: torch.Tensor) -> torch.Tensor:
+        """The block's output hidden states for a batch of its inputs."""
+        assert self.call is not None
+        return _first_output(self.block(batch, *self.call.args, **self.call.kwargs))
 
     def gather(self, observed: dict[Any, tuple[nn.Module, Statistic]], *, update_outputs: bool) -> None:
         """One batched forward of the block with each observed module's input fed to its statistic.
@@ -164,6 +170,8 @@ class SequentialPass:
         timings: dict[str, float] = {}
         wanted = [(group, modules) for group, modules in self.adapter.block_linears(ctx.block)
                   if any(t is not None for t in self._targets(ctx.prefix, modules).values())]
+        if self.method.block_level:
+            return self._process_block_level(ctx, wanted)
         stats: dict[tuple[str, ...], Statistic] = {}
         if self.needs_data:
             t0 = time.perf_counter()
@@ -193,6 +201,28 @@ class SequentialPass:
             timings["propagate"] = time.perf_counter() - t0
         return timings
 
+    def _process_block_level(self, ctx: BlockContext, wanted) -> dict[str, float]:
+        """A method that decides on the whole block (BESA): it runs the block on the calibration inputs itself."""
+        from prunekit.errors import PrunekitError
+
+        if ctx.world_size > 1:
+            raise PrunekitError(f"{self.method.name} learns on the whole block's inputs and does not support "
+                                "data-parallel calibration; run it in one process")
+        t0 = time.perf_counter()
+        linears = {f"{ctx.prefix}.{n}": m for _g, modules in wanted for n, m in modules.items()
+                   if self.plan.target_for(f"{ctx.prefix}.{n}") is not None}
+        targets = {name: self.plan.target_for(name) for name in linears}
+        assert ctx.activations is not None
+        inputs = [batch for _start, batch in ctx.activations.batches(ctx.batch_size, ctx.device, ctx.compute_dtype)]
+        results = self.method.prune_block(linears, ctx.run_block, inputs, None, targets)
+        self._record(linears, results, targets)
+        timings = {"prune": time.perf_counter() - t0}
+        if self.propagate == "pruned" and not ctx.is_last:
+            t0 = time.perf_counter()
+            ctx.propagate()
+            timings["propagate"] = time.perf_counter() - t0
+        return timings
+
     def _prune_group(self, prefix: str, modules: dict[str, nn.Module], statistic: Statistic | None) -> None:
         targets = self._targets(prefix, modules)
         active = {f"{prefix}.{n}": m for n, m in modules.items() if targets[f"{prefix}.{n}"] is not None}
@@ -200,6 +230,10 @@ class SequentialPass:
             return
         weights = {name: weight_matrix(module).float() for name, module in active.items()}
         results = self.method.prune_group(weights, statistic, {n: targets[n] for n in active})
+        self._record(active, results, targets)
+
+    def _record(self, active: dict[str, nn.Module], results: dict, targets: dict) -> None:
+        """Write the pruned weights into the block and note what each layer lost."""
         for name, module in active.items():
             result, target = results[name], targets[name]
             set_weight_matrix(module, result.weight)

@@ -49,6 +49,8 @@ class PruningMethod(ABC):
     statistic: ClassVar[type[Statistic] | None] = None
     #: Whether surviving weights change (OBS updates) or are only masked.
     updates_weights: ClassVar[bool] = False
+    #: Decides for a whole block at once (BESA): the engine calls `prune_block` instead of `prune_group`.
+    block_level: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
@@ -69,6 +71,12 @@ class PruningMethod(ABC):
         """Prune linears that share one input (q/k/v, gate/up). By default, one layer at a time;
         a method may override this to share work across the group (SparseGPT shares H⁻¹)."""
         return {name: self.prune_layer(weight, stats, targets[name]) for name, weight in weights.items()}
+
+    def prune_block(self, linears: dict, block_forward, inputs, dense_outputs, targets: dict[str, SparsityTarget],
+                    progress=None) -> dict[str, PruneResult]:
+        """Prune every linear of one block together (block-level methods only): `block_forward(batch)` runs the
+        block, `inputs` are its calibration inputs in batches, `dense_outputs` its unpruned outputs (or None)."""
+        raise NotImplementedError(f"{self.name} prunes layer by layer")
 
     def program(self, plan: SparsityPlan, adapter: Adapter, *, propagate: str = "pruned"):
         """The engine passes this method needs: one sequential pass (statistics → prune → propagate)."""

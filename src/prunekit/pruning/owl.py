@@ -12,8 +12,10 @@ and the shift re-solved). Defaults M = 5, λ = 0.08 as the paper.
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from prunekit.errors import PrunekitError
+from prunekit.pruning.statistics import InputSquaredNorms
 
 OWL_M = 5.0
 OWL_LAMBDA = 0.08
@@ -57,3 +59,106 @@ def owl_sparsities(ratios: list[float], block_params: list[int], target: float, 
         else:
             shift_high = mid
     return allocation((shift_low + shift_high) / 2).tolist()
+
+
+# -- on the engine: a dense collect pass measures every block's outlier ratio, then the method runs ---------------
+
+
+class OwlConfig(BaseModel):
+    """`--sparsity-allocation owl` with options `owl.m` and `owl.lam` (`--option owl.m=7`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    m: float = Field(default=OWL_M, gt=0.0)
+    lam: float = Field(default=OWL_LAMBDA, ge=0.0, lt=1.0)
+
+
+class OwlObserver:
+    """The collect pass's observer: each block's Wanda scores over the dense model give its outlier ratio."""
+
+    needs_data = True
+
+    def __init__(self, adapter, plan, config: OwlConfig):
+        self.adapter, self.plan, self.config = adapter, plan, config
+
+    def _groups(self, index: int, block):
+        prefix = self.adapter.block_prefix(index)
+        for group, modules in self.adapter.block_linears(block):
+            active = {f"{prefix}.{n}": m for n, m in modules.items() if self.plan.target_for(f"{prefix}.{n}")}
+            if active:
+                yield group, active
+
+    def observed(self, index: int, block):
+        from prunekit.adapters import weight_matrix
+
+        observed = {}
+        for group, active in self._groups(index, block):
+            first = next(iter(active.values()))
+            observed[".".join(group)] = (first, InputSquaredNorms(weight_matrix(first).shape[1], first.weight.device))
+        return observed
+
+    def summarize(self, index: int, block, stats) -> dict[str, torch.Tensor]:
+        from prunekit.adapters import weight_matrix
+
+        weights, norms = {}, {}
+        for group, active in self._groups(index, block):
+            for name, module in active.items():
+                weights[name] = weight_matrix(module)
+                norms[name] = stats[".".join(group)].norms()
+        ratio = owl_block_ratio(weights, norms, self.config.m)
+        return {"ratio": torch.tensor([ratio], dtype=torch.float64),
+                "params": torch.tensor([sum(w.numel() for w in weights.values())], dtype=torch.int64)}
+
+    def decide(self, summaries: list[dict[str, torch.Tensor]]) -> list[float]:
+        ratios = [float(s["ratio"][0]) for s in summaries]
+        params = [int(s["params"][0]) for s in summaries]
+        return owl_sparsities(ratios, params, self.plan.default.sparsity, self.config.lam)
+
+
+class OwlProgram:
+    """OWL + any per-layer method: collect (dense, outlier ratios) → per-block targets → the method's pass."""
+
+    def __init__(self, method, plan, adapter, *, propagate: str, config: OwlConfig):
+        if plan.default.is_nm:
+            raise PrunekitError(f"--sparsity-allocation owl spreads an unstructured sparsity over the blocks; pattern "
+                                f"{plan.default.pattern} fixes every block's sparsity (use unstructured)")
+        self.method, self.plan, self.adapter, self.propagate, self.config = method, plan, adapter, propagate, config
+        self.ratios: list[float] = []
+        self.sparsities: list[float] = []
+
+    def passes(self):
+        from prunekit.engine.passes import CollectPass, SequentialPass
+        from prunekit.pruning.target import SparsityPlan, SparsityTarget
+
+        collect = CollectPass(OwlObserver(self.adapter, self.plan, self.config))
+        yield collect
+        self.ratios = [float(s["ratio"][0]) for s in collect.summaries]
+        self.sparsities = collect.result
+        per_block = [(f"{self.adapter.block_prefix(i)}.*", SparsityTarget(s)) for i, s in enumerate(self.sparsities)]
+        plan = SparsityPlan(self.plan.default, [*self.plan.overrides, *per_block], list(self.plan.skip))
+        yield SequentialPass(self.method, plan, self.adapter, self.propagate)
+
+    def describe(self) -> dict:
+        return {"method": "owl", "m": self.config.m, "lambda": self.config.lam, "outlier_ratios": self.ratios,
+                "block_sparsities": self.sparsities}
+
+
+ALLOCATIONS = ("owl",)
+
+
+def split_allocation_options(allocation: str | None, options: dict) -> tuple[dict, OwlConfig | None]:
+    """The method's options and the allocation's (prefixed `owl.`), checked before any work."""
+    from pydantic import ValidationError
+
+    options = dict(options or {})
+    own = {k[len("owl."):]: options.pop(k) for k in list(options) if k.startswith("owl.")}
+    if allocation is None:
+        if own:
+            raise PrunekitError(f"options {', '.join('owl.' + k for k in own)} need --sparsity-allocation owl")
+        return options, None
+    if allocation not in ALLOCATIONS:
+        raise PrunekitError(f"unknown sparsity allocation {allocation!r}; accepted: {', '.join(ALLOCATIONS)}")
+    try:
+        return options, OwlConfig(**own)
+    except ValidationError as exc:
+        problems = "; ".join(f"owl.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise PrunekitError(f"bad options for --sparsity-allocation owl: {problems}") from None

@@ -74,6 +74,7 @@ class StreamRequest:
     out: str
     method: str = "wanda"
     refine: str | None = None
+    sparsity_allocation: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     sparsity: float = 0.5
     pattern: str | None = None
@@ -114,7 +115,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     """
     from prunekit import __version__
     from prunekit.adapters import get_adapter
-    from prunekit.api import build_plan, check_fits, peak_memory, versions
+    from prunekit.api import build_plan, build_program, check_fits, peak_memory, versions
     from prunekit.checks import check_device, check_positive
     from prunekit.distributed import agree, backend_name, check_rows
     from prunekit.engine import Engine, EngineOptions, StreamedBlocks
@@ -122,6 +123,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     from prunekit.engine.state import RunDir
     from prunekit.methods import build_method
     from prunekit.models import open_checkpoint
+    from prunekit.pruning.owl import split_allocation_options
 
     started = time.perf_counter()
     reducer = reducer or LocalReducer()
@@ -133,7 +135,8 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     out_dtype_request = parse_dtype(request.dtype, "--dtype")
     compute_dtype = check_compute_dtype(parse_dtype(request.compute_dtype, "--compute-dtype"), device)
     activations_request = parse_dtype(request.activations_dtype, "--activations-dtype")
-    pruner = build_method(request.method, request.options, refine=request.refine)
+    method_options, allocation = split_allocation_options(request.sparsity_allocation, request.options)
+    pruner = build_method(request.method, method_options, refine=request.refine)
     structured = getattr(pruner, "structured", False)
     out = check_output_dir(request.out, overwrite)
     checkpoint = open_checkpoint(request.spec, trust_remote_code=request.trust_remote_code)
@@ -194,7 +197,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
 
         program = StructuredProgram(pruner, structure, request.sparsity, calibrations, streamed=True)
     else:
-        program = pruner.program(plan, adapter, propagate=request.propagate)
+        program = build_program(pruner, plan, adapter, request.propagate, allocation)
     result = engine.run(program, calibrations.get("model"))
     if not rank0:  # rank 0 writes the output; the others are done
         reducer.barrier()
@@ -223,7 +226,8 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
         outputs = _finish_structured(program, structure, checkpoint, tokenizer, sinks, out_dtype, manifest)
     else:
         manifest.update(plan=plan.describe(), overall_sparsity=result.overall_sparsity,
-                        layers=[r.to_dict() for r in result.layers])
+                        layers=[r.to_dict() for r in result.layers],
+                        allocation=program.describe() if hasattr(program, "describe") else None)
         _finish_folder(sinks[None], checkpoint, tokenizer, out_dtype, manifest, replaced)
         outputs = [sinks[None].folder]
     manifest["timings_s"]["total"] = time.perf_counter() - started
@@ -379,8 +383,9 @@ def _announce(request, checkpoint, source, calibrations, memory, out_dtype, acti
     probe = probe_block_seconds(source, calls, ids, request.batch_size)
     batches = -(-ids.shape[0] // request.batch_size)
     forwards = 1.0 if structured or request.propagate == "dense" else 2.0
+    passes = 2 if structured or request.sparsity_allocation else 1
     estimate = estimate_seconds(probe, blocks=len(source.adapter.blocks()), batches=batches,
-                                forwards_per_block=forwards, passes=2 if structured else 1)
+                                forwards_per_block=forwards, passes=passes)
     log(f"estimate: ~{estimate / 60:.1f} min (probe: block 0 read in {probe['read_s']:.2f}s, one batch in "
         f"{probe['forward_s']:.2f}s; the method's own decision time comes on top)")
     return estimate
