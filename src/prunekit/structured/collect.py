@@ -87,16 +87,11 @@ def collect_statistics(model, structure: LlamaStructure, input_ids: torch.Tensor
     """Statistics of every block of an in-memory model over the calibration rows, and the seconds spent
     (the engine's collect pass, for callers that plan by hand: tests, benchmarks)."""
     from prunekit.engine import Engine, EngineOptions, InMemoryBlocks
-    from prunekit.engine.passes import CollectPass
+    from prunekit.engine.passes import CollectPass, Passes
 
     started = time.perf_counter()
     source = InMemoryBlocks(model, structure.adapter, torch.device(device))
     collect = CollectPass(StructuredObserver(structure, needs_data=True))
-
-    class _One:
-        def passes(self):
-            yield collect
-
     Engine(source, options=EngineOptions(batch_size=batch_size, device=device, progress=progress)).run(
-        _One(), input_ids)
+        Passes(collect), input_ids)
     return [summary.stats for summary in collect.result], time.perf_counter() - started
