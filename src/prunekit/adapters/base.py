@@ -3,15 +3,21 @@
 An adapter names the embeddings, the decoder blocks, the final norm and the head; the prunable
 linears of a block, grouped by shared input and listed in execution order; and how to read and
 write a linear's weight as an [out, in] matrix (GPT-2's Conv1D stores it transposed).
+
+Two per-block seams serve state-space and hybrid models: `groups_for(block)` (a hybrid's attention and
+SSM blocks have different linears) and `observe_input` (Mamba-1 multiplies by dt_proj's weight without
+calling the module, so its input is read from x_proj's output instead of a pre-hook on dt_proj).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from prunekit.errors import PrunekitError
 
 
 def is_prunable_linear(module: nn.Module) -> bool:
@@ -45,6 +51,10 @@ class Adapter:
     head_path: ClassVar[str]
     #: Prunable linears of a block, relative to the block, grouped by shared input, in execution order.
     linear_groups: ClassVar[tuple[tuple[str, ...], ...]]
+    #: State-space families: the SSM linears by part name (in_proj, x_proj, dt_proj, out_proj), relative to a block.
+    ssm_parts: ClassVar[dict[str, str]] = {}
+    #: The model's forward unpacks (hidden_states, attention weights) from every block (Bamba).
+    block_returns_tuple: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -71,14 +81,31 @@ class Adapter:
             return False
         return True
 
+    def groups_for(self, block: nn.Module) -> tuple[tuple[str, ...], ...]:
+        """The shared-input groups of this block (the same for every block except in hybrids)."""
+        return self.linear_groups
+
+    def observe_input(self, block: nn.Module, name: str, module: nn.Module,
+                      callback: Callable[[torch.Tensor], None]) -> torch.utils.hooks.RemovableHandle:
+        """Call `callback` with the input of linear `name` of `block` on every forward (a pre-hook)."""
+        return module.register_forward_pre_hook(lambda _module, inputs: callback(inputs[0]))
+
     def block_linears(self, block: nn.Module) -> Iterator[tuple[tuple[str, ...], dict[str, nn.Module]]]:
         """Yield (group, {name: module}) for each shared-input group of a block, in execution order."""
-        for group in self.linear_groups:
+        for group in self.groups_for(block):
             modules = {name: block.get_submodule(name) for name in group}
             for name, module in modules.items():
                 if not is_prunable_linear(module):
                     raise TypeError(f"{self.family} adapter: {name} is {type(module).__name__}, not a linear")
             yield group, modules
+
+    def ssm_skip_globs(self, parts: list[str]) -> list[str]:
+        """Plan globs that leave every SSM linear outside `parts` unpruned (one line if a part is unknown)."""
+        unknown = [p for p in parts if p not in self.ssm_parts]
+        if unknown:
+            accepted = ", ".join(self.ssm_parts) or "none (not a state-space model)"
+            raise PrunekitError(f"SSM part {unknown[0]!r} does not exist in {self.family} layers; accepted: {accepted}")
+        return [f"{self.blocks_path}.*.{path}" for part, path in self.ssm_parts.items() if part not in parts]
 
     def head_linears(self) -> dict[str, nn.Module]:
         """The LM head, pruned only when the user asks for it."""

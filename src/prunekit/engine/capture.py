@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-_DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions")
+_DROPPED_KWARGS = ("cache", "cache_params", "past_key_values", "past_key_value", "layer_past", "use_cache",
+                   "output_attentions")  # cache_params: Mamba blocks before transformers 5.x renamed it
 
 
 class StopForward(Exception):
@@ -50,12 +51,13 @@ class _Recorder(nn.Module):
     """Stands in for block `index`: records the call, returns the hidden states unchanged."""
 
     def __init__(self, original: nn.Module, index: int, sink: Callable[[int, torch.Tensor, BlockCall], None],
-                 stop_at: int | None):
+                 stop_at: int | None, tuple_output: bool = False):
         super().__init__()
         object.__setattr__(self, "_original", original)  # not a submodule: .to() must not move it
         self._index = index
         self._sink = sink
         self._stop_at = stop_at
+        self._tuple_output = tuple_output
 
     def __getattr__(self, name: str) -> Any:  # e.g. Gemma's `attention_type`
         try:
@@ -63,21 +65,22 @@ class _Recorder(nn.Module):
         except AttributeError:
             return getattr(object.__getattribute__(self, "_original"), name)
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
         self._sink(self._index, hidden_states, BlockCall(tuple(args), kept))
         if self._index == self._stop_at:
             raise StopForward
-        return hidden_states
+        return (hidden_states, None) if self._tuple_output else hidden_states
 
 
 @contextmanager
-def recording_blocks(blocks: nn.ModuleList, sink, stop_at: int | None) -> Iterator[None]:
-    """Swap every block for a recorder (the stem must already be on the compute device)."""
+def recording_blocks(blocks: nn.ModuleList, sink, stop_at: int | None, tuple_output: bool = False) -> Iterator[None]:
+    """Swap every block for a recorder (the stem must already be on the compute device). `tuple_output`: the
+    model unpacks (hidden_states, attention weights) from every block (Bamba)."""
     originals = list(blocks)
     try:
         for i, block in enumerate(originals):
-            blocks[i] = _Recorder(block, i, sink, stop_at)
+            blocks[i] = _Recorder(block, i, sink, stop_at, tuple_output)
         yield
     finally:
         for i, block in enumerate(originals):
@@ -90,8 +93,8 @@ def _run(model: nn.Module, input_ids: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, seqlen: int, device: torch.device | str
-                        ) -> list[BlockCall]:
+def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, seqlen: int, device: torch.device | str,
+                        tuple_output: bool = False) -> list[BlockCall]:
     """The arguments each block receives for a sequence of `seqlen` tokens (batch of one), kept on the CPU."""
     calls: list[BlockCall | None] = [None] * len(blocks)
 
@@ -99,7 +102,7 @@ def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, seqlen: int, de
         calls[index] = call.to("cpu") if str(device) != "cpu" else call
 
     dummy = torch.zeros(1, seqlen, dtype=torch.long, device=device)
-    with recording_blocks(blocks, sink, len(blocks) - 1):
+    with recording_blocks(blocks, sink, len(blocks) - 1, tuple_output):
         _run(model, dummy)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
@@ -109,8 +112,8 @@ def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, seqlen: int, de
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int,
-                         device: torch.device | str,
-                         on_batch: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
+                         device: torch.device | str, on_batch: Callable[[int, torch.Tensor], None] | None = None,
+                         tuple_output: bool = False) -> torch.Tensor | None:
     """Block 0's hidden-state inputs for every calibration row: handed to `on_batch(start, hidden)` batch by
     batch, or (without it) returned as one [n, seqlen, hidden] tensor on `device`."""
     outputs: list[torch.Tensor] = []
@@ -122,7 +125,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
         else:
             on_batch(start, hidden.detach())
 
-    with recording_blocks(blocks, sink, 0):
+    with recording_blocks(blocks, sink, 0, tuple_output):
         for start in range(0, input_ids.shape[0], batch_size):  # `sink` reads `start`
             _run(model, input_ids[start : start + batch_size].to(device))
     return torch.cat(outputs, dim=0) if on_batch is None else None

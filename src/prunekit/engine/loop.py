@@ -131,7 +131,9 @@ class Engine:
                                    activations=store, batch_size=self.options.batch_size, device=self.device,
                                    compute_dtype=self._compute_dtype(), reduce=self.reducer.reduce,
                                    decides=self.reducer.rank == 0, share=self.reducer.share,
-                                   world_size=self.reducer.world_size)
+                                   world_size=self.reducer.world_size,
+                                   observe=lambda name, module, callback, block=block: self.adapter.observe_input(
+                                       block, name, module, callback))
                 timings.update(current.process(ctx))
                 if sink is not None:
                     t0 = time.perf_counter()
@@ -153,7 +155,8 @@ class Engine:
         if seqlen not in self._calls:
             t0 = time.perf_counter()
             with self.source.stem():
-                self._calls[seqlen] = capture_block_calls(self.model, self.adapter.blocks(), seqlen, self.device)
+                self._calls[seqlen] = capture_block_calls(self.model, self.adapter.blocks(), seqlen, self.device,
+                                                          self.adapter.block_returns_tuple)
             self.result.add_time("capture", time.perf_counter() - t0)
         return self._calls[seqlen]
 
@@ -175,7 +178,7 @@ class Engine:
 
         with self.source.stem():
             capture_block_inputs(self.model, self.adapter.blocks(), ids, self.options.batch_size, self.device,
-                                 on_batch=keep)
+                                 on_batch=keep, tuple_output=self.adapter.block_returns_tuple)
         self.result.add_time("capture", time.perf_counter() - t0)
         assert store is not None
         if self.run_dir and k == 0:

@@ -66,14 +66,17 @@ class BlockContext:
     #: send these tensors from the deciding rank to every other (in place); nothing to do in one process
     share: Callable[[list[torch.Tensor]], None] = lambda tensors: None
     world_size: int = 1
+    #: feed the input of linear `name` (relative to the block) to a callback on every forward (the adapter's tap)
+    observe: Callable[[str, nn.Module, Callable[[torch.Tensor], None]], Any] | None = None
 
     def run_block(self, batch: torch.Tensor) -> torch.Tensor:
         """The block's output hidden states for a batch of its inputs."""
         assert self.call is not None
         return _first_output(self.block(batch, *self.call.args, **self.call.kwargs))
 
-    def gather(self, observed: dict[Any, tuple[nn.Module, Statistic]], *, update_outputs: bool) -> None:
-        """One batched forward of the block with each observed module's input fed to its statistic.
+    def gather(self, observed: dict[Any, tuple[str, nn.Module, Statistic]], *, update_outputs: bool) -> None:
+        """One batched forward of the block with each observed linear's input (name relative to the block,
+        module, statistic) fed to its statistic.
 
         Without `update_outputs` the forward stops as soon as the last observed input has been seen (later
         work would be wasted); with it, each batch's outputs replace its inputs (dense propagation).
@@ -81,20 +84,26 @@ class BlockContext:
         if self.activations is None or self.call is None:
             raise RuntimeError("this pass needs calibration activations")
         handles = []
-        last = list(observed.values())[-1][0] if observed else None
-        for module, statistic in observed.values():
-            def hook(mod, inputs, statistic=statistic):
-                statistic.update(inputs[0])
-                if mod is last and not update_outputs:
+        entries = list(observed.values())
+        for position, (name, module, statistic) in enumerate(entries):
+            stops = position == len(entries) - 1 and not update_outputs
+
+            def feed(inputs: torch.Tensor, statistic: Statistic = statistic, stops: bool = stops) -> None:
+                statistic.update(inputs)
+                if stops:
                     raise StopForward
-            handles.append(module.register_forward_pre_hook(hook))
+
+            if self.observe is not None:
+                handles.append(self.observe(name, module, feed))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda _m, inputs, feed=feed: feed(inputs[0])))
         try:
             if observed or update_outputs:
                 self._forward(update_outputs)
         finally:
             for handle in handles:
                 handle.remove()
-        self.reduce([statistic for _module, statistic in observed.values()])
+        self.reduce([statistic for _name, _module, statistic in entries])
 
     def propagate(self) -> None:
         """Run the block (as it now is) on every row; its outputs become the next block's inputs."""
@@ -177,9 +186,9 @@ class SequentialPass:
             t0 = time.perf_counter()
             observed = {}
             for group, modules in wanted:
-                first = next(iter(modules.values()))
+                first_name, first = next(iter(modules.items()))
                 stats[group] = self.method.statistic(weight_matrix(first).shape[1], device=ctx.device)
-                observed[group] = (first, stats[group])
+                observed[group] = (first_name, first, stats[group])
             keep = self.propagate == "dense" and not ctx.is_last
             ctx.gather(observed, update_outputs=keep)
             timings["statistics"] = time.perf_counter() - t0
@@ -262,8 +271,9 @@ class Observer(Protocol):
     #: False: only the weights are read (no calibration forward)
     needs_data: bool
 
-    def observed(self, index: int, block: nn.Module) -> dict[str, tuple[nn.Module, Statistic]]:
-        """Modules whose inputs are measured, in execution order, each with a fresh statistic."""
+    def observed(self, index: int, block: nn.Module) -> dict[str, tuple[str, nn.Module, Statistic]]:
+        """Linears whose inputs are measured (name relative to the block, module, a fresh statistic), in
+        execution order."""
 
     def summarize(self, index: int, block: nn.Module, stats: dict[str, Statistic]) -> dict[str, torch.Tensor]:
         """What is kept of this block for the decision (small tensors; saved for resume)."""
@@ -291,7 +301,7 @@ class CollectPass:
         stats: dict[str, Statistic] = {}
         if self.needs_data:
             observed = self.observer.observed(ctx.index, ctx.block)
-            stats = {key: statistic for key, (_module, statistic) in observed.items()}
+            stats = {key: statistic for key, (_name, _module, statistic) in observed.items()}
             ctx.gather(observed, update_outputs=not ctx.is_last)  # dense propagation
         self.summaries.append(self.observer.summarize(ctx.index, ctx.block, stats))
         return {"statistics": time.perf_counter() - t0}

@@ -93,7 +93,8 @@ class OwlObserver:
         observed = {}
         for group, active in self._groups(index, block):
             first = next(iter(active.values()))
-            observed[".".join(group)] = (first, InputSquaredNorms(weight_matrix(first).shape[1], first.weight.device))
+            observed[".".join(group)] = (group[0], first,
+                                         InputSquaredNorms(weight_matrix(first).shape[1], first.weight.device))
         return observed
 
     def summarize(self, index: int, block, stats) -> dict[str, torch.Tensor]:

@@ -51,8 +51,8 @@ class StructuredObserver:
 
     def observed(self, index: int, block: nn.Module):
         modules = self.structure.observed_inputs(block)
-        return {kind: (module, InputMeanVariance(module.in_features, module.weight.device))
-                for kind, module in modules.items()}
+        return {kind: (name, module, InputMeanVariance(module.in_features, module.weight.device))
+                for kind, (name, module) in modules.items()}
 
     def summarize(self, index: int, block: nn.Module, stats) -> dict[str, torch.Tensor]:
         flat: dict[str, torch.Tensor] = {}

@@ -76,9 +76,11 @@ class LlamaStructure:
         return {"o_proj": column_summary(self.attention(block).o_proj.weight),
                 "down_proj": column_summary(self.mlp_module(block).down_proj.weight)}
 
-    def observed_inputs(self, block: nn.Module) -> dict[str, nn.Module]:
-        """Where heads and channels meet the residual stream: the inputs whose fluctuation FLAP measures."""
-        return {"attn": self.attention(block).o_proj, "mlp": self.mlp_module(block).down_proj}
+    def observed_inputs(self, block: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+        """Where heads and channels meet the residual stream: the inputs whose fluctuation FLAP measures
+        (kind → name relative to the block, module)."""
+        return {"attn": (f"{self.attn}.o_proj", self.attention(block).o_proj),
+                "mlp": (f"{self.mlp}.down_proj", self.mlp_module(block).down_proj)}
 
     def layout(self, block: nn.Module) -> BlockLayout:
         attn, mlp = self.attention(block), self.mlp_module(block)
