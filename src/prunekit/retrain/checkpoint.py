@@ -1,10 +1,10 @@
 """Checkpoints of a run, without pickle: tensors in one safetensors file, everything else in JSON.
 
 `state.safetensors` holds the trainable tensors (`param/<name>`) and the optimizer's per-parameter state
-(`optim/<index>/<key>`, AdamW's step, exp_avg and exp_avg_sq); `state.json` holds the step, the scheduler's
-scalars, the loss curve, the seconds spent so far and a fingerprint of the settings and data, which a resume
-must match. The tensors are written first and the JSON names the step they belong to, so a crash between the
-two leaves the previous checkpoint's JSON pointing at a step the tensors no longer hold: that is caught.
+(`optim/<index>/<key>`: AdamW's step, exp_avg and exp_avg_sq). `state.json` holds the step, the optimizer's
+group settings, the scheduler's scalars, the loss curve, the seconds spent so far, and a fingerprint of the
+settings and data that a resume must match. The tensors are written first and carry their step; the JSON
+names the step it belongs to, so a crash between the two writes is caught as a mismatch.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def save(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer: to
             for key, value in entry.items():
                 tensors[f"optim/{index}/{key}"] = torch.as_tensor(value).cpu()
     atomic_save_tensors(tensors, folder / TENSORS, metadata={"step": str(step)})
-    atomic_write_json(folder / STATE, {**state, "step": step})
+    groups = optimizer.state_dict()["param_groups"] if optimizer is not None else None
+    atomic_write_json(folder / STATE, {**state, "step": step, "optimizer_groups": groups})
 
 
 def exists(folder: Path) -> bool:
@@ -57,8 +58,9 @@ def load(folder: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], dic
 
 
 def restore(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
-            optimizer: torch.optim.Optimizer | None) -> None:
-    """Copy saved values into the live parameters and (when given) the optimizer."""
+            optimizer: torch.optim.Optimizer | None = None, groups: list[dict[str, Any]] | None = None) -> None:
+    """Copy saved values into the live parameters and (when given) the optimizer: its per-parameter tensors
+    and its group settings (the learning rate the schedule had reached)."""
     with torch.no_grad():
         for name, value in params.items():
             value.copy_(tensors[f"param/{name}"])
@@ -71,4 +73,6 @@ def restore(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
             saved.setdefault(int(index), {})[name] = value
     state_dict = optimizer.state_dict()
     state_dict["state"] = saved
+    if groups is not None:
+        state_dict["param_groups"] = [{**group, "betas": tuple(group["betas"])} for group in groups]
     optimizer.load_state_dict(state_dict)

@@ -218,7 +218,9 @@ def retrain(pruned: str | Path, out: str | Path, *, calib: str | None, reference
                 "fingerprint": fingerprint, "scheduler": scheduler.state_dict(), "losses": losses,
                 "seconds": elapsed()})
 
-        resumed = Resume(state["step"], state["scheduler"], state["losses"], tensors) if state else None
+        resumed = None
+        if state:
+            resumed = Resume(state["step"], state["scheduler"], state["optimizer_groups"], state["losses"], tensors)
         losses = optimize(trainable, loss_at, config, tokens_per_step=bs * seqlen, desc="retrain",
                           progress=progress, resume=resumed, on_checkpoint=save_step)
         curves: dict[str, Any] = {"loss_curve": losses}
@@ -226,7 +228,7 @@ def retrain(pruned: str | Path, out: str | Path, *, calib: str | None, reference
         from prunekit.retrain.reconstruct import reconstruct
 
         if state:
-            checkpoint.restore(tensors, trainable, None)
+            checkpoint.restore(tensors, trainable)
 
         def save_block(done: int, block_curves: list[list[float]]) -> None:
             checkpoint.save(ckpt, done, trainable, None, {

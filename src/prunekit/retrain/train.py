@@ -26,10 +26,11 @@ OnCheckpoint = Callable[[int, torch.optim.Optimizer, Any, list[float]], None]
 
 @dataclass
 class Resume:
-    """Where an interrupted loop stands: its step, scheduler scalars, losses and saved tensors."""
+    """Where an interrupted loop stands: its step, scheduler and optimizer settings, losses, saved tensors."""
 
     step: int
     scheduler: dict[str, Any]
+    optimizer_groups: list[dict[str, Any]]
     losses: list[float]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -57,7 +58,7 @@ def optimize(params: dict[str, nn.Parameter], loss_at: Callable[[int], torch.Ten
     losses: list[float] = []
     start = 0
     if resume is not None:
-        checkpoint.restore(resume.tensors, params, optimizer)
+        checkpoint.restore(resume.tensors, params, optimizer, resume.optimizer_groups)
         scheduler.load_state_dict(resume.scheduler)
         losses, start = list(resume.losses), resume.step
     trainable = list(params.values())
