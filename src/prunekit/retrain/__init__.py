@@ -1,8 +1,8 @@
 """PERP: parameter-efficient retraining after pruning (Zimmer et al., 2023).
 
-config.py (the settings) → params.py (biases, norms, counts) → lora.py (LoRA, ScaleLoRA, MaskLoRA; merge; peft
-export) → train.py (AdamW loop) with reconstruct.py (block-wise mode) and checkpoint.py (safetensors + JSON)
-→ run.py (`retrain`: checks, set-up, loop, merge, save).
+config.py (the settings) → params.py (biases, norms, counts) and lora.py (LoRA, ScaleLoRA, MaskLoRA; merge;
+peft export), put on and taken off by setup.py → train.py (the AdamW loop) with reconstruct.py (block-wise
+mode) and checkpoint.py (safetensors + JSON) → run.py (`retrain`: checks, loop, merge, save).
 
 The package is callable, so `prunekit.retrain(PRUNED_DIR, OUT, calib=...)` reads like `prunekit.prune(...)`.
 """

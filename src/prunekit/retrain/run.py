@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,8 @@ from prunekit.errors import PrunekitError
 from prunekit.files import MANIFEST, atomic_write_json, check_output_dir, publish_dir, staging_dir
 from prunekit.retrain import checkpoint
 from prunekit.retrain.config import RetrainConfig, build_config
-from prunekit.retrain.lora import attach, check_rank, detach_all, export_peft
-from prunekit.retrain.params import (
-    add_biases,
-    block_linears,
-    count_parameters,
-    norm_modules,
-    record_biases,
-    select_trainable,
-)
+from prunekit.retrain.setup import Trainables
 from prunekit.retrain.train import Resume, optimize
-
-ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -92,23 +81,6 @@ def _training_windows(calib: str, tokenizer, config: RetrainConfig, seqlen: int,
     return calib_set.input_ids, provenance
 
 
-def _head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The LM head, plus the input embedding when the two share one matrix (the update must stay tied)."""
-    from prunekit.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    modules = {adapter.head_path: adapter.head()}
-    for path in adapter.embeddings_paths:
-        if adapter._has(path) and model.get_submodule(path).weight is adapter.head().weight:
-            modules[path] = model.get_submodule(path)
-    return modules
-
-
-def _zero_fraction(masks: dict[str, torch.Tensor]) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
-
-
 def retrain(pruned: str | Path, out: str | Path, *, calib: str | None, reference: str | None = None,
             overwrite: bool = False, resume: bool = False, ppl: str | None = None, ppl_seqlen: int = 512,
             progress: bool = True, log: Callable[[str], None] | None = None, **settings: Any) -> RetrainReport:
@@ -159,51 +131,61 @@ def retrain(pruned: str | Path, out: str | Path, *, calib: str | None, reference
 
         check_reference(model, dense)
 
-    # -- parameter groups and adapters (every check before any change) --
-    base_params = count_parameters(model)
-    linears = block_linears(model)
-    input_zeros = {name: module.weight.detach() == 0 for name, module in linears.items()}
-    sparse = any(bool(z.any()) for z in input_zeros.values())
-    if config.uses_lora:
-        if config.lora_kind == "mask_lora" and not sparse:
-            raise PrunekitError(f"--lora-kind mask_lora needs pruned weights to mask, but {source} has none "
-                                "(dense or structurally pruned); accepted: lora or scale_lora")
-        check_rank(linears, config.lora_rank)
-    train_head = "head" in config.params and config.mode == "retrain"
-    head_modules = _head_modules(model) if train_head else {}
-    check_rank(head_modules, config.lora_rank)
+    trainables = Trainables.inspect(model, config, source)
     before = _perplexity(model, tokenizer, ppl, ppl_seqlen) if ppl else None
-
-    biases = add_biases(model) if "bias" in config.params else None
-    trainable = select_trainable(model, config.params, biases)
-    norms = set(norm_modules(model))
-    norm_tensors = [name for name in trainable if name.rsplit(".", 1)[0] in norms]
-    torch.manual_seed(config.seed)
-    adapters = attach(linears, config.lora_rank, config.lora_alpha, config.lora_kind) if config.uses_lora else {}
-    head_zeros = any(bool((m.weight == 0).any()) for m in head_modules.values())
-    head_adapters = attach(head_modules, config.lora_rank, config.lora_alpha,
-                           "mask_lora" if head_zeros else "lora")
-    for name, adapter in {**adapters, **head_adapters}.items():
-        trainable[f"{name}.lora_A"], trainable[f"{name}.lora_B"] = adapter.lora_A, adapter.lora_B
-    n_trainable = sum(p.numel() for p in trainable.values())
-    say(f"training {n_trainable:,} of {base_params:,} parameters ({n_trainable / base_params:.4%}): "
-        f"{', '.join(config.params)}" + (f" ({config.lora_kind}, rank {config.lora_rank})" if adapters else ""))
-
-    # -- the loop, checkpointed into the staging folder --
+    trainables.attach(model)
+    say(f"training {trainables.count:,} of {trainables.base_params:,} parameters "
+        f"({trainables.count / trainables.base_params:.4%}): {', '.join(config.params)}"
+        + (f" ({config.lora_kind}, rank {config.lora_rank})" if trainables.adapters else ""))
     fingerprint = {"settings": config.model_dump(exclude={"save_every"}), "data": data["ids_sha256"],
                    "input": str(source.resolve()), "reference": str(reference)}
-    ckpt = staging / "checkpoint"
+    curves, resumed_at, train_seconds = _loop(model, dense, ids, trainables.params, config, staging / "checkpoint",
+                                              fingerprint, resume=resume, progress=progress, say=say)
+    merged = trainables.detach(model, staging)
+    after = _perplexity(model, tokenizer, ppl, ppl_seqlen) if ppl else None
+
+    record = {
+        "method": "PERP (parameter-efficient retraining after pruning)",
+        "input": str(source.resolve()), "mode": config.mode, "reference": reference,
+        "settings": config.model_dump(), **merged,
+        "data": {**data, "seqlen": seqlen, "tokens_per_step": config.batch_size * seqlen},
+        "steps": config.steps, **curves,
+        "evaluation": {"before": before, "after": after} if ppl else None,
+        "resumed_at_step": resumed_at,
+        "seconds": {"train": train_seconds, "total": time.perf_counter() - started},
+        "memory": peak_memory(), "versions": versions(),
+    }
+    if "retraining" in manifest:
+        record["previous"] = manifest["retraining"]
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    atomic_write_json(staging / MANIFEST, {**manifest, "retraining": record})
+    shutil.rmtree(staging / "checkpoint")
+    publish_dir(staging, out_dir)
+    return RetrainReport(out_dir, record)
+
+
+def _perplexity(model: nn.Module, tokenizer, source: str, seqlen: int) -> dict[str, Any]:
+    from prunekit.evaluation import perplexity
+
+    return perplexity(model, tokenizer, source, seqlen=seqlen).to_dict()
+
+
+def _loop(model: nn.Module, dense: nn.Module | None, ids: torch.Tensor, params: dict[str, nn.Parameter],
+          config: RetrainConfig, ckpt: Path, fingerprint: dict[str, Any], *, resume: bool, progress: bool,
+          say: Callable[[str], None]) -> tuple[dict[str, Any], int | None, float]:
+    """Train in the chosen mode, checkpointing into `ckpt`; returns the loss curves, the step resumed at and
+    the training seconds (those of the interrupted run included)."""
     state = tensors = None
     if resume and checkpoint.exists(ckpt):
         state, tensors = checkpoint.load(ckpt, fingerprint)
         say(f"resuming from {ckpt} at step {state['step']}")
-    staging.mkdir(parents=True, exist_ok=True)
-    ckpt.mkdir(exist_ok=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
     prior_seconds = state["seconds"] if state else 0.0
-    t_train = time.perf_counter()
+    t0 = time.perf_counter()
 
     def elapsed() -> float:
-        return prior_seconds + time.perf_counter() - t_train
+        return prior_seconds + time.perf_counter() - t0
 
     if config.mode == "retrain":
         model.eval()  # no dropout: a step depends only on its index, so a resume repeats it exactly
@@ -214,83 +196,26 @@ def retrain(pruned: str | Path, out: str | Path, *, calib: str | None, reference
             return model(input_ids=batch, labels=batch, use_cache=False).loss
 
         def save_step(done: int, optimizer, scheduler, losses: list[float]) -> None:
-            checkpoint.save(ckpt, done, trainable, optimizer, {
+            checkpoint.save(ckpt, done, params, optimizer, {
                 "fingerprint": fingerprint, "scheduler": scheduler.state_dict(), "losses": losses,
                 "seconds": elapsed()})
 
         resumed = None
         if state:
             resumed = Resume(state["step"], state["scheduler"], state["optimizer_groups"], state["losses"], tensors)
-        losses = optimize(trainable, loss_at, config, tokens_per_step=bs * seqlen, desc="retrain",
+        losses = optimize(params, loss_at, config, tokens_per_step=bs * ids.shape[1], desc="retrain",
                           progress=progress, resume=resumed, on_checkpoint=save_step)
         curves: dict[str, Any] = {"loss_curve": losses}
     else:
         from prunekit.retrain.reconstruct import reconstruct
 
         if state:
-            checkpoint.restore(tensors, trainable)
+            checkpoint.restore(tensors, params)
 
         def save_block(done: int, block_curves: list[list[float]]) -> None:
-            checkpoint.save(ckpt, done, trainable, None, {
+            checkpoint.save(ckpt, done, params, None, {
                 "fingerprint": fingerprint, "curves": block_curves, "seconds": elapsed()})
 
-        curves = reconstruct(model, dense, ids, trainable, config, start_block=state["step"] if state else 0,
+        curves = reconstruct(model, dense, ids, params, config, start_block=state["step"] if state else 0,
                              curves=state["curves"] if state else None, progress=progress, on_block=save_block)
-    train_seconds = elapsed()
-
-    # -- merge, check the mask, save --
-    detach_all(head_modules, merge=True)
-    merge = bool(adapters) and (config.lora_kind != "lora" or not sparse or config.merge_lora)
-    if adapters and merge and config.lora_kind == "lora" and sparse:
-        warnings.warn("merging plain LoRA fills the pruned weights: the saved model is no longer sparse "
-                      "(use mask_lora or scale_lora, or leave the adapter unmerged)", stacklevel=2)
-    detach_all(linears, merge=merge)
-    if adapters and not merge:
-        export_peft(model, adapters, config.lora_rank, config.lora_alpha, staging / ADAPTER_DIR)
-    output_zeros = {name: module.weight.detach() == 0 for name, module in linears.items()}
-    mask_kept = all(torch.equal(input_zeros[n], output_zeros[n]) for n in linears)
-    if config.uses_lora and config.lora_kind != "lora" and not mask_kept:
-        raise RuntimeError(f"{config.lora_kind} changed the pruning mask; this is a bug")
-    if biases is not None:
-        record_biases(model, biases)
-    after = _perplexity(model, tokenizer, ppl, ppl_seqlen) if ppl else None
-
-    record = {
-        "method": "PERP (parameter-efficient retraining after pruning)",
-        "input": str(source.resolve()), "mode": config.mode, "reference": reference,
-        "settings": config.model_dump(),
-        "parameters": {
-            "sets": config.params, "model": base_params, "trainable": n_trainable,
-            "trainable_fraction": n_trainable / base_params,
-            "biases": None if biases is None else {"trained": len(biases.trained), "added": len(biases.added),
-                                                   "not_storable": biases.not_storable},
-            "norm_tensors": len(norm_tensors),
-            "head": {"modules": sorted(head_modules), "rank": config.lora_rank} if head_modules else
-            ("skipped: reconstruct mode fits blocks only" if "head" in config.params else None),
-            "lora": {"kind": config.lora_kind, "rank": config.lora_rank, "alpha": config.lora_alpha,
-                     "layers": len(adapters), "merged": merge,
-                     "adapter_folder": None if merge else ADAPTER_DIR} if adapters else None,
-        },
-        "data": {**data, "seqlen": seqlen, "tokens_per_step": config.batch_size * seqlen},
-        "steps": config.steps, **curves,
-        "mask": {"zero_fraction_before": _zero_fraction(input_zeros),
-                 "zero_fraction_after": _zero_fraction(output_zeros), "kept": mask_kept},
-        "evaluation": {"before": before, "after": after} if ppl else None,
-        "resumed_at_step": state["step"] if state else None,
-        "seconds": {"train": train_seconds, "total": time.perf_counter() - started},
-        "memory": peak_memory(), "versions": versions(),
-    }
-    if "retraining" in manifest:
-        record["previous"] = manifest["retraining"]
-    model.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    atomic_write_json(staging / MANIFEST, {**manifest, "retraining": record})
-    shutil.rmtree(ckpt)
-    publish_dir(staging, out_dir)
-    return RetrainReport(out_dir, record)
-
-
-def _perplexity(model: nn.Module, tokenizer, source: str, seqlen: int) -> dict[str, Any]:
-    from prunekit.evaluation import perplexity
-
-    return perplexity(model, tokenizer, source, seqlen=seqlen).to_dict()
+    return curves, state["step"] if state else None, elapsed()
