@@ -391,7 +391,7 @@ def retrain(
                           ] = False,
     mode: Annotated[str | None, typer.Option(help="retrain (next-token loss) or reconstruct (block-wise).")] = None,
     reference: Annotated[str | None, typer.Option(help="Dense model for --mode reconstruct.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (reconstruct: per block).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (default 100; reconstruct: per block).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 5e-4).")] = None,
     schedule: Annotated[str | None, typer.Option(help="linear, cosine or constant, after 10 % warm-up.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Windows per step (default 8).")] = None,
@@ -399,7 +399,7 @@ def retrain(
     nsamples: Annotated[int | None, typer.Option(help="Reconstruct: windows kept and cycled (default 128).")
                         ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the windows and adapter initialisation.")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (0: never).")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps (default 50; 0: never).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")
                       ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,

@@ -38,7 +38,7 @@ class RetrainConfig(BaseModel):
     #: Reconstruct mode only: calibration windows whose block activations are kept and cycled.
     nsamples: int = 128
     seed: int = 0
-    save_every: int = 0
+    save_every: int = 50
 
     @field_validator("params", mode="before")
     @classmethod
