@@ -133,7 +133,7 @@ def run_child(args: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="row keys INPUT/SET (default: all, in priority order)")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-4)
