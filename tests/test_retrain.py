@@ -265,3 +265,22 @@ def test_interrupted_run_needs_resume(material, tmp_path, capsys):
     code, _out, err = run(capsys, "retrain", material["unstructured"], "--out", tmp_path / "out", "--calib",
                           material["train"])
     assert_one_line_error(code, err, "pass --resume")
+
+
+@pytest.mark.parametrize(("family", "added", "not_storable"), [
+    ("qwen2", 0, 8),     # q/k/v have biases already; no switch gives o_proj or the MLP one
+    ("gemma3", 12, 9),   # attention_bias switches on q/k/v/o of 3 layers; the MLP has no switch
+    ("opt", 0, 0), ("gpt2", 0, 0), ("gpt_neox", 0, 0),  # biases everywhere already
+])
+def test_every_family_retrains_keeps_its_mask_and_reloads(material, tmp_path, family, added, not_storable):
+    model = build(family, vocab=len(make_tokenizer()), max_positions=1024)
+    prunekit.prune(model, method="magnitude", sparsity=0.5, progress=False)
+    save_model(model, make_tokenizer(), tmp_path / "in", {"pruned": True})
+    report = prunekit.retrain(tmp_path / "in", tmp_path / "out", calib=str(material["train"]),
+                              lora_kind="scale_lora", **{**FAST, "steps": 2})
+    biases = report.record["parameters"]["biases"]
+    assert (biases["added"], len(biases["not_storable"])) == (added, not_storable)
+    assert report.record["mask"]["kept"]
+    reloaded = prunekit.load(str(tmp_path / "out")).model.state_dict()
+    for name, saved in _weights(tmp_path / "out").items():  # nothing dropped on reload, added biases included
+        assert torch.equal(reloaded[name], saved), name
