@@ -137,13 +137,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per row (1: on shared cores two OpenMP threads mostly wait)")
     parser.add_argument("--table", action="store_true", help="print the README table from the JSON and exit")
     parser.add_argument("--child-row", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", help=argparse.SUPPRESS)
     args = parser.parse_args()
     budget = {"steps": args.steps, "batch_size": args.batch_size, "seqlen": args.seqlen, "lr": args.lr}
+    if args.child_row or args.child_baseline:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.child_row:
-        print("RESULT " + json.dumps(child_row(args.child_row, budget)))
+        print("RESULT " + json.dumps({**child_row(args.child_row, budget), "threads": args.threads}))
         return
     if args.child_baseline:
         print("RESULT " + json.dumps(child_baseline(args.child_baseline)))
