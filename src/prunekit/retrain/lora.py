@@ -42,8 +42,8 @@ class LowRank(nn.Module):
             else:  # peft's default: Kaiming-uniform A, zero B, so the update starts at zero
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 nn.init.zeros_(self.lora_B)
-        if kind == "mask_lora":
-            self.register_buffer("mask", (weight != 0).to(weight.dtype), persistent=False)
+        if kind == "mask_lora":  # the mask with the scaling folded in: one fused pass over the weight
+            self.register_buffer("scaled_mask", (weight != 0).to(weight.dtype) * self.scaling, persistent=False)
 
     def product(self) -> torch.Tensor:
         """B A in the weight's own layout."""
@@ -51,12 +51,12 @@ class LowRank(nn.Module):
         return product.t() if self.transposed else product
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # Weight-sized passes cost as much as the layer's own matmul at small batches: one fused op each.
         if self.kind == "scale_lora":
             return weight * self.product()
-        update = self.product() * self.scaling
         if self.kind == "mask_lora":
-            update = update * self.mask
-        return weight + update
+            return torch.addcmul(weight, self.product(), self.scaled_mask)
+        return torch.add(weight, self.product(), alpha=self.scaling)
 
 
 def check_rank(modules: dict[str, nn.Module], rank: int) -> None:
