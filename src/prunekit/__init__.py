@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """`prunekit.prune` and `prunekit.load`, imported on first use so `import prunekit` stays light."""
+    """`prunekit.prune`, `prunekit.load` and `prunekit.retrain`, imported on first use (`import prunekit` stays
+    light)."""
     if name == "prune":
         from prunekit.api import prune
 
@@ -13,4 +14,8 @@ def __getattr__(name: str):
         from prunekit.structured.io import load
 
         return load
+    if name == "retrain":  # the package, callable: prunekit.retrain(PRUNED_DIR, OUT, calib=...)
+        from importlib import import_module
+
+        return import_module("prunekit.retrain")
     raise AttributeError(f"module 'prunekit' has no attribute {name!r}")

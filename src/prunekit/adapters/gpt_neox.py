@@ -11,7 +11,7 @@ class GPTNeoXAdapter(Adapter):
     embeddings_paths = ("gpt_neox.embed_in",)
     blocks_path = "gpt_neox.layers"
     final_norm_path = "gpt_neox.final_layer_norm"
-    head_path = "embed_out"
+    head_path = "lm_head"  # transformers 5 renamed `embed_out`
     linear_groups = (
         ("attention.query_key_value",),
         ("attention.dense",),
