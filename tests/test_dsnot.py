@@ -14,6 +14,8 @@ from prunekit.pruning.masks import nm_mask, unstructured_row_mask
 from test_methods import prunable
 from tiny import FAMILIES, assert_one_line_error, build, random_ids, run, save_tiny_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add waiting
+
 
 def naive_dsnot(dense, weight, mask, mean, var, norms, cfg, m=None):
     """The reference's cycle, one row at a time, with Python lists (float64)."""

@@ -18,6 +18,8 @@ from prunekit.pruning.statistics import InputSquaredNorms
 from test_methods import prunable
 from tiny import assert_one_line_error, build, random_ids, run
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add waiting
+
 
 def naive_gradient_norms(model, ids, scale=100.0):
     """Every parameter trainable, one backward per window, .grad read and summed by hand."""

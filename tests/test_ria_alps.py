@@ -16,6 +16,8 @@ from prunekit.pruning.statistics import InputHessian, InputSquaredNorms
 from test_methods import prunable
 from tiny import FAMILIES, build, random_ids
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: threads only add waiting
+
 
 def layer_problem(rows=12, cols=16, tokens=64, seed=0):
     g = torch.Generator().manual_seed(seed)
