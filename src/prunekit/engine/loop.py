@@ -235,6 +235,16 @@ class Engine:
         if previous and previous.get("kind") == "memory":
             self.run_dir.remove(self._activation_file(previous["file"]))
 
+    def _saved_activations(self, progress: PassProgress) -> ActivationStore:
+        """The inputs of the block a resumed pass continues at, as this rank left them."""
+        assert self.run_dir is not None and progress.activations is not None
+        saved = progress.activations
+        if saved["kind"] == "spilled":
+            dtype = getattr(torch, saved["dtype"].removeprefix("torch."))
+            return SpilledActivations(self._rank_folder(self.spill_dir or self.run_dir.folder), saved["rows"],
+                                      tuple(saved["shape"]), dtype, current=saved["current"])
+        return MemoryActivations(self.run_dir.load_tensors(self._activation_file(saved["file"]))["activations"])
+
     def _note_resume(self) -> None:
         """Record where an interrupted run continues: the first unfinished block (or only the output)."""
         if self.run_dir is None or self.reducer.rank != 0 or not any(p.next_block for p in self.run_dir.passes):

@@ -30,7 +30,9 @@ def streamed_perplexity(checkpoint, tokenizer, source: Any, *, seqlen: int, batc
     from prunekit.adapters import get_adapter
     from prunekit.engine import Engine, EngineOptions, StreamedBlocks
     from prunekit.engine.passes import ForwardPass, Passes
+    from prunekit.memory import bound_heap_growth
 
+    bound_heap_growth()
     t0 = time.perf_counter()
     model = checkpoint.skeleton()
     rows = model.get_input_embeddings().num_embeddings

@@ -121,11 +121,13 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     from prunekit.engine import Engine, EngineOptions, StreamedBlocks
     from prunekit.engine.reduce import LocalReducer
     from prunekit.engine.state import RunDir
+    from prunekit.memory import bound_heap_growth
     from prunekit.methods import build_method
     from prunekit.models import open_checkpoint
     from prunekit.pruning.owl import split_allocation_options
 
     started = time.perf_counter()
+    bound_heap_growth()
     reducer = reducer or LocalReducer()
     rank0 = reducer.rank == 0
     if not rank0:
