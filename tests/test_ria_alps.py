@@ -246,6 +246,23 @@ def test_ria_permuted_nm_holds_on_the_recorded_order():
     assert int(result.mask.sum()) == 16 * 16
 
 
+def test_ria_permutation_is_recorded_in_the_report_and_the_saved_zeros_follow_it():
+    """The saved model is only N:M under RIA's channel order, so the order must travel with it (manifest)."""
+    model = build("llama")
+    report = prune(model, method="ria", sparsity=0.0, pattern="2:4", calibration=random_ids(), batch_size=4,
+                   progress=False)
+    records = {r["name"]: r for r in report.to_dict()["layers"]}
+    weights = dict(prunable(model))
+    permuted_somewhere = False
+    for name, weight in weights.items():
+        order = records[name]["column_order"]
+        assert sorted(order) == list(range(weight.shape[1])), name
+        zeros = (weight == 0)[:, order].view(weight.shape[0], -1, 4).sum(-1)
+        assert torch.all(zeros == 2), name
+        permuted_somewhere |= order != list(range(weight.shape[1]))
+    assert permuted_somewhere
+
+
 @pytest.mark.parametrize("method,options,needle", [
     ("ria", {"permutation": "best"}, "permutation"),
     ("ria", {"alpha": 1}, "alpha"),

@@ -38,9 +38,14 @@ class LayerRecord:
     achieved_sparsity: float
     pruned: int
     numel: int
+    #: RIA's N:M channel permutation: the pattern holds on `mask[:, column_order]` (None: natural order).
+    column_order: list[int] | None = None
 
     def to_dict(self) -> dict:
-        return self.__dict__ | {"shape": list(self.shape)}
+        record = self.__dict__ | {"shape": list(self.shape)}
+        if self.column_order is None:
+            del record["column_order"]
+        return record
 
 
 def _first_output(output):
@@ -250,7 +255,8 @@ class SequentialPass:
             self.records.append(LayerRecord(
                 name=name, shape=tuple(result.mask.shape), pattern=target.pattern,
                 target_sparsity=target.sparsity, achieved_sparsity=pruned / result.mask.numel(),
-                pruned=pruned, numel=result.mask.numel()))
+                pruned=pruned, numel=result.mask.numel(),
+                column_order=None if result.column_order is None else result.column_order.tolist()))
 
     def state(self) -> dict[str, Any]:
         return {"records": [r.to_dict() for r in self.records]}
