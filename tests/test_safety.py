@@ -164,6 +164,39 @@ def test_wilson_known_values():
     assert stats.wilson(0, 0) is None
 
 
+def test_wilson_bounds_at_the_edges():
+    """k = 0 and k = n for every n up to 300: bounds inside [0, 1] around the rate, error bars never negative
+    (the hand-written closed form gave 5.6e-17 at k = 0, n = 3 and crashed the plot)."""
+    for n in range(1, 301):
+        for k in (0, n, n // 3):
+            lo, hi = stats.wilson(k, n)
+            p = k / n
+            assert 0.0 <= lo <= p <= hi <= 1.0, (k, n, lo, hi)
+            below, above = stats.error_bar({"rate": p, "ci95": (lo, hi)})
+            assert below >= 0.0 and above >= 0.0
+        assert stats.wilson(0, n)[0] == 0.0 and stats.wilson(n, n)[1] == 1.0
+    lo, hi = stats.wilson(3, 7, z=1.0)  # another z: the closed form, checked against a direct computation
+    p, z = 3 / 7, 1.0
+    centre = (p + z * z / 14) / (1 + z * z / 7)
+    half = z * math.sqrt(p * (1 - p) / 7 + z * z / 196) / (1 + z * z / 7)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+
+
+def test_plot_with_rates_at_zero_and_one(tmp_path):
+    from prunekit.safety.run import plot_refusal
+
+    records = []
+    for variant, sparsity, refused in (("dense", 0.0, False), ("wanda-0.1", 0.1, True)):
+        for template in ("ORIGINAL", "AIM"):
+            for i in range(3):  # n = 3: the case whose lower bound used to be 5.6e-17
+                records.append({"variant": variant, "sparsity": sparsity, "set": "harmful", "template": template,
+                                "task_id": str(i), "verdicts": {"prefix": refused and template == "AIM"}})
+    summary = summarize_records(records)
+    assert summary["variants"]["dense"]["refusal"]["ci95"][0] == 0.0
+    path = plot_refusal(summary, tmp_path / "plot.png")
+    assert path.stat().st_size > 1000
+
+
 def test_mcnemar_known_values():
     # 1 lost, 9 gained: two-sided exact p = 2 * (1 + 10) / 2**10
     before = [True] * 1 + [False] * 9 + [True] * 5 + [False] * 5

@@ -41,7 +41,7 @@ from prunekit.files import (
 from prunekit.safety.data import Prompt, Task, build_prompts, load_suite, read_tasks, select_templates, subset
 from prunekit.safety.generate import Encoded, encode, generate, resolve_mode
 from prunekit.safety.judges import Judge, PrefixJudge, apply_judges, write_records
-from prunekit.safety.stats import mcnemar_exact, paired_difference, rate
+from prunekit.safety.stats import error_bar, mcnemar_exact, paired_difference, rate
 
 Log = Callable[[str], None]
 
@@ -305,8 +305,9 @@ def plot_refusal(summary: dict[str, Any], path: Path, title: str = "") -> Path:
                 continue
             xs.append(100 * (v["sparsity"] or 0.0) + dodge)
             ys.append(r["rate"])
-            lo.append(r["rate"] - r["ci95"][0])
-            hi.append(r["ci95"][1] - r["rate"])
+            below, above = error_bar(r)
+            lo.append(below)
+            hi.append(above)
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=template)
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel(f"refusal rate ({summary['judge']} judge)")
