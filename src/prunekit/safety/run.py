@@ -86,6 +86,7 @@ class SafetyConfig:
     seed: int = 0
     device: str = "cpu"
     analyses: bool = False  # attention-to-task and prompt perplexity
+    analyses_limit: int | None = None  # analyses on this many tasks (spread evenly) of the run's tasks
     ppl_source: str | None = None  # perplexity of each variant on this text source
     ppl_seqlen: int = 512
     ppl_max_windows: int | None = None
@@ -210,8 +211,11 @@ def variant_measurements(model: Any, tokenizer: Any, harmful: Sequence[Prompt], 
     """Analyses and perplexity a variant still lacks (an earlier session may have stored some)."""
     mode = resolve_mode(tokenizer, config.prompt_format)  # type: ignore[arg-type]
     if config.analyses and "analyses" not in info:
-        encoded = _encode_all(tokenizer, harmful, mode)
-        info["analyses"] = run_analyses(model, tokenizer, harmful, encoded, tasks, config)
+        chosen = subset(tasks, config.analyses_limit)  # a full prefill per prompt: bounded on a CPU
+        ids = {t.id for t in chosen}
+        some = [p for p in harmful if p.task.id in ids]
+        encoded = _encode_all(tokenizer, some, mode)
+        info["analyses"] = run_analyses(model, tokenizer, some, encoded, chosen, config)
     if config.ppl_source and "perplexity" not in info:
         from prunekit.evaluation import perplexity
 
@@ -579,7 +583,8 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
     if config.method != "wanda" and not sparsities:
         raise PrunekitError("--method needs --sparsities")
     check_positive({"--max-new-tokens": config.max_new_tokens, "--batch-size": config.batch_size,
-                    "--nsamples": config.nsamples, "--seqlen": config.seqlen, "--limit": config.limit})
+                    "--nsamples": config.nsamples, "--seqlen": config.seqlen, "--limit": config.limit,
+                    "--analyses-limit": config.analyses_limit})
     check_device(config.device)
     check_layers(config.layers)
     if config.generation not in GENERATIONS:
