@@ -824,7 +824,11 @@ def parse_list(text: str | None, flag: str, kind: type) -> list[Any]:
 def format_summary(results: dict[str, Any]) -> str:
     """A terminal summary: rates and p-values only, never a prompt or an answer."""
     summary = results["summary"]
-    lines = [f"refusal rate ({summary['judge']} judge, 95 % Wilson interval), {results['counts']['tasks']} tasks:"]
+    counts = results["counts"]
+    lines = [f"refusal rate ({summary['judge']} judge, 95 % Wilson interval), {counts['tasks']} tasks:"]
+    if not counts.get("complete", True):
+        lines.insert(0, f"partial run: {counts['answers']} of {counts['expected_answers']} answers; run the same "
+                        "command again to continue")
     for name, v in summary["variants"].items():
         gen = results["variants"].get(name, {}).get("generation")
         line = f"  {name:<14} sparsity {v['sparsity'] or 0:.3f}  harmful {_fmt_rate(v['refusal'])}"
