@@ -39,13 +39,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+#: ../shared/data beside the checkout; PRUNEKIT_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("PRUNEKIT_SHARED_DATA") or ROOT.parent / "shared" / "data").resolve()
 SAFETY = SHARED / "safety"
 SOTU = SHARED / "corpora" / "sotu"
 RESULTS = ROOT / "benchmarks" / "results"
