@@ -225,6 +225,15 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+def has_sliding_window(model: Any) -> bool:
+    """Whether some layer attends to a sliding window of cache slots (Gemma 3, Mistral-style). The padding that
+    the shared-prefix path puts between prefix and suffix would shift such a window, so these models decode
+    without a shared prefix (still batched, rows still leave when done): the same tokens, less saving."""
+    config = getattr(model, "config", None)
+    types = getattr(config, "layer_types", None) or []
+    return any("sliding" in str(t) for t in types) or bool(getattr(config, "use_sliding_window", False))
+
+
 def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
     """transformers 5 names the KV-cache argument `cache` (`past_key_values` is deprecated); older: the latter."""
     import inspect
@@ -265,7 +274,7 @@ def decode_batches(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     for group in (groups if groups is not None else [list(range(len(prompts)))]):
         if not group:
             continue
-        p = common_prefix_length([prompts[i] for i in group])
+        p = 0 if has_sliding_window(model) else common_prefix_length([prompts[i] for i in group])
         base = _prefix_cache(model, prompts[group[0]][:p], device)
         order = sorted(group, key=lambda i: len(prompts[i]))
         for start in range(0, len(order), batch_size):
