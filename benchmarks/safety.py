@@ -96,6 +96,7 @@ def throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from prunekit.safety.run import run_throughput
 
     config = _config(name, args, args.templates, args.layers)
+    config.baseline_batch_size = args.baseline_batch_size
     return run_throughput(config, args.runs / f"throughput-{name}", overwrite=True,
                           log=lambda m: log(f"{name}: {m}"))
 
@@ -207,6 +208,8 @@ def main() -> None:
     parser.add_argument("--layers", default="attention", help="attention (the paper's) or all")
     parser.add_argument("--full", action="store_true", help="the issue-14 plan (FULL_PLAN), resumable")
     parser.add_argument("--overwrite", action="store_true", help="start the runs again instead of continuing")
+    parser.add_argument("--baseline-batch-size", type=int, default=None,
+                        help="--throughput-study: the old path's batch (default: --batch-size)")
     parser.add_argument("--throughput-study", action="store_true",
                         help="old vs new generation path on --limit tasks x --templates per model")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -214,6 +217,7 @@ def main() -> None:
                         help="only the 32/64/256-token verdict comparison, on --limit tasks (default 20)")
     parser.add_argument("--markdown", type=Path, nargs="*", default=None,
                         help="print one table from stored result JSONs (e.g. one per model) and exit")
+    parser.add_argument("--tag", default="", help="suffix of the throughput JSON names")
     parser.add_argument("--runs", type=Path, default=RESULTS / "safety_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "safety.json")
     args = parser.parse_args()
@@ -234,7 +238,7 @@ def main() -> None:
         for name in args.models:
             study = throughput(name, args)
             study["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-            path = RESULTS / f"safety_throughput_{name}.json"
+            path = RESULTS / f"safety_throughput_{name}{args.tag}.json"
             atomic_write_json(path, study, indent=1)
             print(f"{name}: old {study['old']['prompts_per_s']:.2f} prompts/s, new {study['new']['prompts_per_s']:.2f} "
                   f"prompts/s, x{study['speedup']:.2f}; identical {study['identical_answers']}/{study['prompts']}, "

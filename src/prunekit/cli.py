@@ -546,6 +546,8 @@ def safety(
     throughput_study: Annotated[bool, typer.Option(
         "--throughput-study", help="Only time the old and new generation paths on the same prompts (dense MODEL, "
                                    "--limit tasks x --templates); writes throughput.json to --out.")] = False,
+    baseline_batch_size: Annotated[int | None, typer.Option(
+        help="--throughput-study: batch of the old path (default: --batch-size).")] = None,
     ppl: Annotated[str | None, typer.Option(help="Perplexity of every variant on this text SOURCE.")] = None,
     ppl_windows: Annotated[int | None, typer.Option(help="At most N windows for --ppl.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -561,7 +563,8 @@ def safety(
                           template_files=list(template_file or []), limit=limit, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, prompt_format=prompt_format, calib=calib, nsamples=nsamples,
                           seqlen=seqlen, device=device, analyses=analyses, judge_model=judge_model, layers=layers,
-                          generation=generation, stop_early=stop_early, ppl_source=ppl, ppl_max_windows=ppl_windows)
+                          generation=generation, stop_early=stop_early, ppl_source=ppl, ppl_max_windows=ppl_windows,
+                          baseline_batch_size=baseline_batch_size)
     log = lambda m: err.print(f"[dim]{m}[/]")  # noqa: E731
     if throughput_study:
         study = run_throughput(config, out_dir, overwrite=overwrite, log=log)

@@ -37,17 +37,18 @@ def throughput_study(loaded: Any, config: Any, log: Callable[[str], None]) -> di
         groups[p.template].append(i)
     judge = PrefixJudge()
     stop = stop_rule([judge]) if config.stop_early else None
-    kwargs = {"max_new_tokens": config.max_new_tokens, "batch_size": config.batch_size}
+    old_batch = config.baseline_batch_size or config.batch_size
     log(f"throughput study: {len(prompts)} prompts ({len(templates)} templates), {config.max_new_tokens} new "
-        f"tokens, batch {config.batch_size}, {torch.get_num_threads()} threads")
+        f"tokens, batch {config.batch_size} (old path {old_batch}), {torch.get_num_threads()} threads")
     warm = ids[: min(2, len(ids))]
     generate_fast(model, tokenizer, warm, max_new_tokens=4, batch_size=2)
     generate(model, tokenizer, warm, max_new_tokens=4, batch_size=2)
     started = time.perf_counter()
-    new = generate_fast(model, tokenizer, ids, groups=list(groups.values()), stop=stop, **kwargs)
+    new = generate_fast(model, tokenizer, ids, groups=list(groups.values()), stop=stop,
+                        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     log(f"new path: {new.prompts_per_second:.2f} prompts/s ({time.perf_counter() - started:.0f}s)")
     started = time.perf_counter()
-    old = generate(model, tokenizer, ids, **kwargs)
+    old = generate(model, tokenizer, ids, max_new_tokens=config.max_new_tokens, batch_size=old_batch)
     log(f"old path: {old.prompts_per_second:.2f} prompts/s ({time.perf_counter() - started:.0f}s)")
     same = prefix_ok = 0
     for a, b in zip(old.token_ids, new.token_ids, strict=True):
@@ -60,7 +61,8 @@ def throughput_study(loaded: Any, config: Any, log: Callable[[str], None]) -> di
         "kind": "prunekit.safety_throughput",
         "model": config.model, "prompts": len(prompts), "templates": [t.name for t in templates],
         "tasks": len(prompts) // max(1, len(templates)), "max_new_tokens": config.max_new_tokens,
-        "batch_size": config.batch_size, "threads": torch.get_num_threads(), "device": str(config.device),
+        "batch_size": config.batch_size, "baseline_batch_size": old_batch, "threads": torch.get_num_threads(),
+        "device": str(config.device),
         "stop_early": config.stop_early,
         "old": {"path": "model.generate on whole prompts", **old.describe()},
         "new": {**new.describe(), "path": "shared-prefix KV cache" + (", stop at final verdict" if stop else "")},
