@@ -625,3 +625,17 @@ def test_cli_throughput_study(capsys, tmp_path, tiny_chat_dir, small_tasks):
     assert study["prompts"] == 8 and study["identical_answers"] >= 8 - study["cut_answers"]
     assert study["new_is_prefix_of_old"] == 8 and study["verdicts_agree"] == 8
     assert study["old"]["prompts_per_s"] > 0 and study["speedup"] > 0 and "x" in stdout
+
+
+def test_plain_and_prefix_paths_store_the_same_answers(tmp_path, tiny_chat_dir, small_tasks, calib):
+    """--generation plain (model.generate) and the default prefix path give the same stored answers."""
+    from prunekit.models import load_model
+
+    answers = {}
+    for path in ("plain", "prefix"):
+        config = _config(tiny_chat_dir, small_tasks, calib, sparsities=[], generation=path, max_new_tokens=5,
+                         batch_size=3)
+        run_study(config, tmp_path / path, log=lambda m: None, loader=load_model)
+        records = [json.loads(line) for line in (tmp_path / path / "responses.jsonl").read_text().splitlines()]
+        answers[path] = {(r["template"], r["task_id"]): (r["response"], r["new_tokens"]) for r in records}
+    assert len(answers["plain"]) == 8 and answers["plain"] == answers["prefix"]
