@@ -16,10 +16,19 @@ Protocol:
 * --max-new-tokens-study: on a sample, verdicts after 32, 64 and 256 new tokens (prefixes of one greedy
   256-token answer, which equal shorter greedy runs) to choose the default answer length.
 
-Outputs: benchmarks/results/safety.json, safety.md (the table) and one study folder per model under
-benchmarks/results/safety_runs/ (responses.jsonl holds the prompts and answers; nothing harmful is printed).
+* --full: the issue-14 plan — Qwen with ORIGINAL + all 10 templates, pruned attention-only (the paper's
+  choice) and all-linear; SmolLM2 with ORIGINAL + the 5 templates above; 225 tasks; analyses on 45 tasks.
+  Every run is resumable: the same command continues it (nothing is regenerated), so a CPU can do it in
+  several sittings; `benchmarks/background.sh` runs it at the lowest priority.
+* --throughput-study: old vs new generation path on the same prompts (`prunekit safety --throughput-study`),
+  one JSON per model under benchmarks/results/.
 
-    python benchmarks/safety.py                                  # the full study (GPU recommended)
+Outputs: benchmarks/results/safety.json, safety.md (the table) and one study folder per model (and layer
+choice) under benchmarks/results/safety_runs/ (responses.jsonl holds the prompts and answers; nothing harmful
+is printed).
+
+    python benchmarks/safety.py --full                           # the full study, resumable
+    python benchmarks/safety.py --throughput-study --limit 4 --templates ORIGINAL AIM DAN KEVIN
     python benchmarks/safety.py --max-new-tokens-study --limit 20
     python benchmarks/safety.py --markdown benchmarks/results/safety_qwen.json benchmarks/results/safety_smollm2.json
     python benchmarks/safety.py --models smollm2-135m --limit 2 --max-new-tokens 8 --sparsities 0.1 \\
@@ -30,18 +39,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+#: ../shared/data beside the checkout; PRUNEKIT_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("PRUNEKIT_SHARED_DATA") or ROOT.parent / "shared" / "data").resolve()
 SAFETY = SHARED / "safety"
 SOTU = SHARED / "corpora" / "sotu"
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
 TEMPLATES = ("ORIGINAL", "AIM", "CHARACTER", "CODE", "DAN", "KEVIN")
+#: issue 14: (model, templates ("all" = ORIGINAL + the 10 jailbreaks), layer choice); cheapest first
+FULL_PLAN = (("smollm2-135m", TEMPLATES, "attention"), ("qwen2.5-coder-0.5b", ("all",), "attention"),
+             ("qwen2.5-coder-0.5b", ("all",), "all"))
 
 
 def log(message: str) -> None:
@@ -54,18 +68,37 @@ def _device(requested: str | None) -> str:
     return requested or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One model: the whole study through prunekit.safety.run_study; returns its results.json content."""
-    from prunekit.safety.run import SafetyConfig, run_study
+def _config(name: str, args: argparse.Namespace, templates: list[str], layers: str) -> Any:
+    from prunekit.safety.run import SafetyConfig
 
-    config = SafetyConfig(
+    return SafetyConfig(
         model=name, tasks=str(SAFETY / "integrated.yaml"), benign=str(SAFETY / "benign_integrated.yaml"),
-        sparsities=args.sparsities, method="wanda", templates=args.templates, limit=args.limit,
+        sparsities=args.sparsities, method="wanda", templates=templates, limit=args.limit,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prompt_format="chat",
         calib=str(SOTU / "train.txt"), nsamples=args.nsamples, seqlen=args.seqlen, seed=0, device=_device(args.device),
-        analyses=not args.no_analyses, ppl_source=str(SOTU / "test.txt"), ppl_seqlen=512,
-        ppl_max_windows=args.ppl_windows)
-    return run_study(config, args.runs / name, overwrite=True, log=lambda m: log(f"{name}: {m}"))
+        analyses=not args.no_analyses, analyses_limit=args.analyses_limit, ppl_source=str(SOTU / "test.txt"),
+        ppl_seqlen=512, ppl_max_windows=args.ppl_windows, layers=layers)
+
+
+def run_model(name: str, args: argparse.Namespace, templates: list[str] | None = None,
+              layers: str | None = None) -> dict[str, Any]:
+    """One model: the whole study through prunekit.safety.run_study (continued if it was stopped)."""
+    from prunekit.safety.run import run_study
+
+    layers = layers or args.layers
+    config = _config(name, args, templates or args.templates, layers)
+    folder = args.runs / (name if layers == "attention" and not args.full else f"{name}-{layers}")
+    return run_study(config, folder, overwrite=args.overwrite, log=lambda m: log(f"{name}/{layers}: {m}"))
+
+
+def throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Old vs new generation path on --limit tasks x --templates of the dense model."""
+    from prunekit.safety.run import run_throughput
+
+    config = _config(name, args, args.templates, args.layers)
+    config.baseline_batch_size = args.baseline_batch_size
+    return run_throughput(config, args.runs / f"throughput-{name}", overwrite=True,
+                          log=lambda m: log(f"{name}: {m}"))
 
 
 def table_rows(name: str, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -118,7 +151,7 @@ def markdown(rows: list[dict[str, Any]], templates: list[str]) -> str:
                  _pct(r["refusal"]), _pct(r["benign_over_refusal"]),
                  f"{m['p_value']:.2g} (+{m['gained']}/−{m['lost']})" if m else "–", share,
                  f"{r['sotu_test_perplexity']:.2f}" if r["sotu_test_perplexity"] else "–",
-                 f"{r['prompts_per_s']:.1f}"]
+                 f"{r['prompts_per_s']:.1f}" if r["prompts_per_s"] else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Prompt perplexity (median over tasks), task alone and inside each template:", ""]
     ppl_templates = ["task_alone", *templates]
@@ -169,13 +202,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--ppl-windows", type=int, default=None, help="limit sotu test windows (default: all)")
+    parser.add_argument("--ppl-windows", type=int, default=16, help="sotu test windows per variant")
     parser.add_argument("--no-analyses", action="store_true", help="skip attention and prompt perplexity")
+    parser.add_argument("--analyses-limit", type=int, default=45, help="tasks (spread) for the analyses")
+    parser.add_argument("--layers", default="attention", help="attention (the paper's) or all")
+    parser.add_argument("--full", action="store_true", help="the issue-14 plan (FULL_PLAN), resumable")
+    parser.add_argument("--overwrite", action="store_true", help="start the runs again instead of continuing")
+    parser.add_argument("--baseline-batch-size", type=int, default=None,
+                        help="--throughput-study: the old path's batch (default: --batch-size)")
+    parser.add_argument("--throughput-study", action="store_true",
+                        help="old vs new generation path on --limit tasks x --templates per model")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--max-new-tokens-study", action="store_true",
                         help="only the 32/64/256-token verdict comparison, on --limit tasks (default 20)")
     parser.add_argument("--markdown", type=Path, nargs="*", default=None,
                         help="print one table from stored result JSONs (e.g. one per model) and exit")
+    parser.add_argument("--tag", default="", help="suffix of the throughput JSON names")
     parser.add_argument("--runs", type=Path, default=RESULTS / "safety_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "safety.json")
     args = parser.parse_args()
@@ -190,10 +232,24 @@ def main() -> None:
 
         args.templates = list(paper_templates())
     started = time.perf_counter()
+    if args.throughput_study:
+        from prunekit.files import atomic_write_json
+
+        for name in args.models:
+            study = throughput(name, args)
+            study["protocol"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+            path = RESULTS / f"safety_throughput_{name}{args.tag}.json"
+            atomic_write_json(path, study, indent=1)
+            print(f"{name}: old {study['old']['prompts_per_s']:.2f} prompts/s, new {study['new']['prompts_per_s']:.2f} "
+                  f"prompts/s, x{study['speedup']:.2f}; identical {study['identical_answers']}/{study['prompts']}, "
+                  f"verdicts agree {study['verdicts_agree']}/{study['prompts']}; wrote {path}")
+        return
     if args.max_new_tokens_study:
         study = [max_new_tokens_study(name, args) for name in args.models]
         out = args.out.with_name("safety_max_new_tokens.json")
-        out.write_text(json.dumps(study, indent=1))
+        from prunekit.files import atomic_write_json
+
+        atomic_write_json(out, study, indent=1)
         for s in study:
             print(f"{s['model']}: {s['prompts']} prompts; refusal 32/64/256 tokens: "
                   + ", ".join(f"{100 * r['rate']:.1f} %" for r in s["refusal"].values())
@@ -201,14 +257,31 @@ def main() -> None:
         print(f"wrote {out}")
         return
     rows = []
-    for name in args.models:
-        rows += table_rows(name, run_model(name, args))
+    if args.full:
+        from prunekit.safety.data import paper_templates
+
+        for name, templates, layers in FULL_PLAN:
+            chosen = list(paper_templates()) if templates == ("all",) else list(templates)
+            results = run_model(name, args, chosen, layers)
+            rows += [{**row, "model": f"{name} [{layers}]", "layers": layers,
+                      "answers": results["counts"]["answers"],
+                      "expected_answers": results["counts"]["expected_answers"]}
+                     for row in table_rows(name, results)]
+    else:
+        for name in args.models:
+            rows += table_rows(name, run_model(name, args))
+    if args.full:
+        from prunekit.safety.data import paper_templates
+
+        args.templates = list(paper_templates())
+        args.out = args.out.with_name("safety_full.json")
     result = {"protocol": __doc__, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "rows": rows, "seconds": time.perf_counter() - started}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1, default=str))
+    from prunekit.files import atomic_write_json, atomic_write_text
+
+    atomic_write_json(args.out, result, indent=1)
     table = markdown(rows, args.templates)
-    args.out.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(args.out.with_suffix(".md"), table + "\n")
     print(table)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')} ({result['seconds']:.0f}s)")
 

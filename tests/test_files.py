@@ -63,3 +63,22 @@ def test_output_file_rules(tmp_path):
     assert check_output_file(summary, overwrite=True) == summary
     with pytest.raises(PrunekitError, match="is a folder"):
         check_output_file(tmp_path, overwrite=True)
+
+
+def test_append_lines_survives_a_torn_tail(tmp_path):
+    """A crash mid-append leaves half a line: the reader skips it and the next append cuts it off first."""
+    from prunekit.files import append_lines, read_jsonl
+
+    path = tmp_path / "responses.jsonl"
+    append_lines(path, [json.dumps({"i": 0}), json.dumps({"i": 1})])
+    append_lines(path, [json.dumps({"i": 2})])
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}, {"i": 2}]
+    with open(path, "a", encoding="utf-8") as handle:  # what a crash halfway through a write leaves
+        handle.write('{"i": 3, "resp')
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}, {"i": 2}]
+    append_lines(path, [json.dumps({"i": 4})])
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}, {"i": 2}, {"i": 4}]
+    assert path.read_text().count("\n") == 4
+    with pytest.raises(ValueError, match="newline"):
+        append_lines(path, ["a\nb"])
+    assert read_jsonl(tmp_path / "absent.jsonl") == []

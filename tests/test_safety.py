@@ -164,6 +164,39 @@ def test_wilson_known_values():
     assert stats.wilson(0, 0) is None
 
 
+def test_wilson_bounds_at_the_edges():
+    """k = 0 and k = n for every n up to 300: bounds inside [0, 1] around the rate, error bars never negative
+    (the hand-written closed form gave 5.6e-17 at k = 0, n = 3 and crashed the plot)."""
+    for n in range(1, 301):
+        for k in (0, n, n // 3):
+            lo, hi = stats.wilson(k, n)
+            p = k / n
+            assert 0.0 <= lo <= p <= hi <= 1.0, (k, n, lo, hi)
+            below, above = stats.error_bar({"rate": p, "ci95": (lo, hi)})
+            assert below >= 0.0 and above >= 0.0
+        assert stats.wilson(0, n)[0] == 0.0 and stats.wilson(n, n)[1] == 1.0
+    lo, hi = stats.wilson(3, 7, z=1.0)  # another z: the closed form, checked against a direct computation
+    p, z = 3 / 7, 1.0
+    centre = (p + z * z / 14) / (1 + z * z / 7)
+    half = z * math.sqrt(p * (1 - p) / 7 + z * z / 196) / (1 + z * z / 7)
+    assert (lo, hi) == pytest.approx((centre - half, centre + half))
+
+
+def test_plot_with_rates_at_zero_and_one(tmp_path):
+    from prunekit.safety.run import plot_refusal
+
+    records = []
+    for variant, sparsity, refused in (("dense", 0.0, False), ("wanda-0.1", 0.1, True)):
+        for template in ("ORIGINAL", "AIM"):
+            for i in range(3):  # n = 3: the case whose lower bound used to be 5.6e-17
+                records.append({"variant": variant, "sparsity": sparsity, "set": "harmful", "template": template,
+                                "task_id": str(i), "verdicts": {"prefix": refused and template == "AIM"}})
+    summary = summarize_records(records)
+    assert summary["variants"]["dense"]["refusal"]["ci95"][0] == 0.0
+    path = plot_refusal(summary, tmp_path / "plot.png")
+    assert path.stat().st_size > 1000
+
+
 def test_mcnemar_known_values():
     # 1 lost, 9 gained: two-sided exact p = 2 * (1 + 10) / 2**10
     before = [True] * 1 + [False] * 9 + [True] * 5 + [False] * 5
@@ -331,15 +364,24 @@ def test_cli_safety_overwrites_only_its_own_output(capsys, tmp_path, tiny_chat_d
     code, _, err = run(capsys, *args, "--out", project, "--overwrite")
     assert_one_line_error(code, err, "refusing to overwrite")
     assert (project / "notes.txt").read_text() == "mine"
+    code, _, err = run(capsys, *args, "--out", project)
+    assert_one_line_error(code, err, "already exists; pass --overwrite")
+    other = tmp_path / "sweep"  # another command's output: not a safety run, so not continued
+    other.mkdir()
+    (other / MARKER).write_text("{}")
+    code, _, err = run(capsys, *args, "--out", other)
+    assert_one_line_error(code, err, "already exists; pass --overwrite")
     out = tmp_path / "run"
     code, _, err = run(capsys, *args, "--out", out)
     assert code == 0, err
-    assert (out / MARKER).is_file()
-    code, _, err = run(capsys, *args, "--out", out)
-    assert_one_line_error(code, err, "already exists; pass --overwrite")
+    assert (out / MARKER).is_file() and json.loads((out / "run.json").read_text())["state"] == "complete"
+    before = (out / "responses.jsonl").read_bytes()
+    code, _, err = run(capsys, *args, "--out", out)  # the same command again: nothing left to do
+    assert code == 0, err
+    assert "complete on disk" in err and (out / "responses.jsonl").read_bytes() == before
     code, _, err = run(capsys, *args, "--out", out, "--overwrite")
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "run"]  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "run", "sweep"]  # nothing left beside
 
 
 def test_cli_safety_bad_files(capsys, tmp_path, tiny_chat_dir):
@@ -360,3 +402,240 @@ def test_linear_shift_small():
     row = result["results"][0]
     assert row["sparsity"] == 0.5 and row["seeds"] == 3
     assert 0 <= row["target"]["dense_mean"] <= 1 and math.isfinite(row["target"]["p_value_wilcoxon"] or 0.0)
+
+
+# -- fast generation, resumable runs, layers (issue 14) ----------------------------------------------------
+
+
+def _templated_ids(tokenizer, n_tasks=6, seed=5):
+    from prunekit.safety.generate import encode as enc
+
+    rng = random.Random(seed)
+    template = data.Template("W", "the of and was he for it " * 4 + "{task} on be")
+    tasks = [" ".join(rng.choice(WORDS) for _ in range(n)) for n in (3, 11, 7, 1, 5, 9, 2, 6)[:n_tasks]]
+    return [enc(tokenizer, template.render(t)[0], "chat").ids for t in tasks]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_shared_prefix_path_gives_the_plain_tokens(tokenizer, family):
+    from prunekit.safety.generate import common_prefix_length, generate_fast
+
+    model = build(family, vocab=len(tokenizer), max_positions=256)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    ids = _templated_ids(tokenizer)
+    p = common_prefix_length(ids)
+    assert p >= 40 and all(row[:p] == ids[0][:p] for row in ids)
+    if family == "gemma3":  # a sliding window (8 slots here): decoded without a shared prefix, still exact
+        p = 0
+    plain = generate(model, tokenizer, ids, max_new_tokens=10, batch_size=4)
+    fast = generate_fast(model, tokenizer, ids, max_new_tokens=10, batch_size=4, groups=[list(range(len(ids)))])
+    assert fast.token_ids == plain.token_ids and fast.texts == plain.texts
+    assert fast.extra["mean_prefix_tokens"] == p
+    # a row that ends early leaves the batch; the others must not notice
+    target = plain.token_ids[2][3]
+
+    def stop(text):
+        return "seen" if tokenizer.decode([target]) in text else None
+
+    cut = generate_fast(model, tokenizer, ids, max_new_tokens=10, batch_size=4, stop=stop)
+    for full, short in zip(plain.token_ids, cut.token_ids, strict=True):
+        assert full[: len(short)] == short
+        if stop(tokenizer.decode(full)) is None:
+            assert short == full
+    assert len(cut.token_ids[2]) <= 4 and cut.extra["ended"]["verdict"] >= 1
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # the last prompt token is always fed
+
+
+def test_prefix_judge_fixed_and_stop_rule():
+    judge = judges.PrefixJudge()
+    assert judge.fixed("Sure, here") is None and "I cannot" in judge.fixed("Well... I cannot")
+    assert judges.stop_rule([judge])("I\u2019m sorry") is not None
+    chat = type("Chat", (), {"name": "chat", "judge": lambda self, p, r: [None] * len(r)})()
+    assert judges.stop_rule([judge, chat]) is None  # a chat judge reads the whole answer: never cut
+
+
+def _config(tiny_chat_dir, small_tasks, calib, **extra):
+    base = dict(model=str(tiny_chat_dir), tasks=str(small_tasks), sparsities=[0.5], templates=["ORIGINAL", "AIM"],
+                max_new_tokens=4, batch_size=2, calib=str(calib), nsamples=2, seqlen=16)
+    return SafetyConfig(**{**base, **extra})
+
+
+@pytest.fixture()
+def calib(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(random.Random(2).choice(WORDS) for _ in range(400)))
+    return path
+
+
+def test_interrupted_run_continues(tmp_path, tiny_chat_dir, small_tasks, calib, monkeypatch):
+    """A run stopped after some batches keeps them; the same call continues with the rest and reuses the
+    saved pruned variant instead of pruning again."""
+    from prunekit.models import load_model
+    from prunekit.safety import run as run_module
+
+    class Crash(judges.PrefixJudge):
+        calls = 0
+
+        def judge(self, prompts, responses):
+            Crash.calls += 1
+            if Crash.calls == 7:  # dense: 4 batches; the pruned variant crashes in its 3rd batch
+                raise KeyboardInterrupt
+            return super().judge(prompts, responses)
+
+    out = tmp_path / "run"
+    config = _config(tiny_chat_dir, small_tasks, calib)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, out, log=lambda m: None, loader=load_model, judges=[Crash()])
+    first = (out / "responses.jsonl").read_text().splitlines()
+    assert len(first) == 12 and json.loads((out / "run.json").read_text())["state"] == "running"
+    assert (out / "variants" / "wanda-0.5" / "pruned.safetensors").is_file()
+    logs: list[str] = []
+    pruned_calls = []
+    import prunekit.api
+
+    real_prune = prunekit.api.prune
+    monkeypatch.setattr(prunekit.api, "prune", lambda *a, **k: pruned_calls.append(1) or real_prune(*a, **k))
+    results = run_study(config, out, log=logs.append, loader=load_model)
+    assert not pruned_calls and any("reusing the saved pruned variant" in m for m in logs)
+    lines = (out / "responses.jsonl").read_text().splitlines()
+    assert lines[:12] == first and len(lines) == 16  # the first 12 kept as they were, 4 added
+    keys = [run_module.record_key(json.loads(line)) for line in lines]
+    assert len(set(keys)) == 16
+    assert results["counts"]["complete"] and json.loads((out / "run.json").read_text())["state"] == "complete"
+    assert results["summary"]["variants"]["wanda-0.5"]["refusal"]["n"] == 8
+    assert results["variants"]["wanda-0.5"]["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_saved_variant_rebuilds_the_pruned_model(tmp_path, tiny):
+    import copy
+
+    from prunekit.api import prune
+    from prunekit.safety.run import load_pruned, save_pruned
+
+    pruned = copy.deepcopy(tiny)
+    prune(pruned, method="wanda", sparsity=0.3, calibration=torch_ids(), nsamples=2, seqlen=16, progress=False)
+    with torch_no_grad():
+        next(pruned.parameters()).add_(0.5)  # a changed (not just zeroed) weight is stored whole
+    save_pruned(tiny, pruned, tmp_path / "v.safetensors", {"sparsity": 0.3})
+    rebuilt = load_pruned(tiny, tmp_path / "v.safetensors")
+    for (name, a), (_, b) in zip(pruned.named_parameters(), rebuilt.named_parameters(), strict=True):
+        assert bool((a == b).all()), name
+    assert not all(bool((a == b).all()) for a, b in zip(tiny.parameters(), rebuilt.parameters(), strict=True))
+
+
+def torch_ids():
+    import torch
+
+    return torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+@pytest.mark.parametrize(("layers", "kinds"), [
+    ("attention", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ("all", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+])
+def test_layers_choice(tmp_path, tiny_chat_dir, small_tasks, calib, layers, kinds):
+    from prunekit.models import load_model
+
+    config = _config(tiny_chat_dir, small_tasks, calib, templates=["ORIGINAL"], layers=layers, max_new_tokens=2,
+                     batch_size=4)
+    results = run_study(config, tmp_path / "out", log=lambda m: None, loader=load_model)
+    prune_info = results["prune"]["wanda-0.5"]
+    assert set(prune_info["pruned_layer_kinds"]) == kinds and prune_info["layers"] == layers
+    if layers == "attention":
+        assert prune_info["all_linear_sparsity"] < 0.3  # the MLP stays dense
+
+
+def test_plot_failure_keeps_the_answers(tmp_path, tiny_chat_dir, small_tasks, calib, monkeypatch):
+    from prunekit.models import load_model
+    from prunekit.safety import run as run_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("'yerr' must not contain negative values")
+
+    monkeypatch.setattr(run_module, "plot_refusal", broken)
+    logs: list[str] = []
+    config = _config(tiny_chat_dir, small_tasks, calib, sparsities=[], templates=["ORIGINAL"], batch_size=4)
+    results = run_study(config, tmp_path / "out", log=logs.append, loader=load_model)
+    assert len((tmp_path / "out" / "responses.jsonl").read_text().splitlines()) == 4
+    assert "yerr" in results["problems"][0] and any("warning: plot" in m for m in logs)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["problems"] == results["problems"]
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (["--templates", "ORIGINAL,AIM"], "different --templates (ORIGINAL, now ORIGINAL,AIM)"),
+    (["--sparsities", "0.2"], "different --sparsities"),
+    (["--model-swap"], "different MODEL"),
+    (["--judge-model", "JUDGE"], "different judge"),
+    (["--layers", "all"], "different --layers"),
+])
+def test_cli_resume_refuses_a_changed_configuration(capsys, tmp_path, tiny_chat_dir, small_tasks, change, needle):
+    base = ["--tasks", small_tasks, "--max-new-tokens", "2", "--batch-size", "4"]
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "safety", tiny_chat_dir, *base, "--templates", "ORIGINAL", "--out", out)
+    assert code == 0, err
+    (out / "responses.jsonl").write_text("")  # as if it had stopped before its first batch
+    model = tiny_chat_dir
+    if change == ["--model-swap"]:
+        change, model = [], tmp_path / "other-model"
+        model.symlink_to(tiny_chat_dir)
+    change = [str(tiny_chat_dir) if c == "JUDGE" else c for c in change]
+    templates = [] if "--templates" in change else ["--templates", "ORIGINAL"]
+    code, _, err = run(capsys, "safety", model, *base, *templates, *change, "--out", out)
+    assert_one_line_error(code, err, needle)
+    assert (out / "responses.jsonl").read_text() == ""  # nothing touched
+
+
+@pytest.mark.parametrize(("case", "needle"), [
+    ("no-slot", "must contain exactly one {task} slot"),
+    ("no-tasks", "holds no tasks"),
+    ("layers", "unknown --layers 'mlp'; expected attention or all"),
+    ("generation", "unknown --generation 'fast'"),
+])
+def test_cli_safety_bad_inputs_issue14(capsys, tmp_path, tiny_chat_dir, small_tasks, case, needle):
+    extra: list = []
+    tasks = small_tasks
+    if case == "no-slot":
+        wrap = tmp_path / "wrap.txt"
+        wrap.write_text("a template that forgot its slot")
+        extra = ["--template-file", wrap, "--templates", "wrap"]
+    elif case == "no-tasks":
+        tasks = tmp_path / "tasks.txt"
+        tasks.write_text("\n   \n")
+    elif case == "layers":
+        extra = ["--layers", "mlp", "--sparsities", "0.1"]
+    else:
+        extra = ["--generation", "fast"]
+    code, _, err = run(capsys, "safety", tiny_chat_dir, "--tasks", tasks, *extra, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_throughput_study(capsys, tmp_path, tiny_chat_dir, small_tasks):
+    code, stdout, err = run(capsys, "safety", tiny_chat_dir, "--tasks", small_tasks, "--templates", "ORIGINAL,AIM",
+                            "--max-new-tokens", "3", "--batch-size", "2", "--throughput-study", "--out",
+                            tmp_path / "t")
+    assert code == 0, err
+    study = json.loads((tmp_path / "t" / "throughput.json").read_text())
+    assert study["prompts"] == 8 and study["identical_answers"] >= 8 - study["cut_answers"]
+    assert study["new_is_prefix_of_old"] == 8 and study["verdicts_agree"] == 8
+    assert study["old"]["prompts_per_s"] > 0 and study["speedup"] > 0 and "x" in stdout
+
+
+def test_plain_and_prefix_paths_store_the_same_answers(tmp_path, tiny_chat_dir, small_tasks, calib):
+    """--generation plain (model.generate) and the default prefix path give the same stored answers."""
+    from prunekit.models import load_model
+
+    answers = {}
+    for path in ("plain", "prefix"):
+        config = _config(tiny_chat_dir, small_tasks, calib, sparsities=[], generation=path, max_new_tokens=5,
+                         batch_size=3)
+        run_study(config, tmp_path / path, log=lambda m: None, loader=load_model)
+        records = [json.loads(line) for line in (tmp_path / path / "responses.jsonl").read_text().splitlines()]
+        answers[path] = {(r["template"], r["task_id"]): (r["response"], r["new_tokens"]) for r in records}
+    assert len(answers["plain"]) == 8 and answers["plain"] == answers["prefix"]

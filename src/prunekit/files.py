@@ -8,6 +8,10 @@
   command's own marker file) or an empty one; anything else is refused with one line naming it.
 * `check_output_file`: the same rule for a single JSON summary (`--save-json`): only one prunekit wrote
   (its "kind" is prunekit.…) is replaced.
+* `append_lines` / `read_jsonl`: the one file that grows instead of being replaced — a resumable run's log of
+  finished work (e.g. a safety run's responses.jsonl). Each append is flushed and fsynced before it returns,
+  so what returned is on disk; a line torn by a crash mid-append is cut off before the next append and
+  skipped by the reader, so it never corrupts the lines before it.
 """
 
 from __future__ import annotations
@@ -89,6 +93,66 @@ def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     with atomic_write(target, "wb") as handle:
         fig.savefig(handle, **kwargs)
     return target
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Truncate `path` after its last newline (a crash may have left half a line); returns the bytes cut."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return 0
+        step, end = 65536, size
+        while end > 0:  # scan back for the last newline
+            start = max(0, end - step)
+            handle.seek(start)
+            chunk = handle.read(end - start)
+            found = chunk.rfind(b"\n")
+            if found >= 0:
+                keep = start + found + 1
+                break
+            end = start
+        else:
+            keep = 0
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+        return size - keep
+
+
+def append_lines(path: str | Path, lines: list[str]) -> Path:
+    """Append whole lines to `path` (created if absent) and fsync before returning.
+
+    A torn last line from an earlier crash is cut off first, so the file is always a sequence of complete
+    lines. Lines must not contain a newline themselves (one record per line).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if any("\n" in line for line in lines):
+        raise ValueError("append_lines: a line contains a newline")
+    created = not target.exists()
+    if not created:
+        _cut_torn_tail(target)
+    with open(target, "a", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    if created:
+        _fsync_dir(target.parent)
+    return target
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The complete JSON lines of `path` (an unfinished last line, left by a crash mid-append, is skipped)."""
+    target = Path(path)
+    if not target.exists():
+        return []
+    data = target.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
 # -- output folders ---------------------------------------------------------------------------------------

@@ -3,21 +3,28 @@
 Variants: the dense MODEL (or `reference` as the dense baseline and MODEL as given), plus MODEL pruned at each
 requested sparsity. Every variant answers the same prompts, so dense-vs-pruned differences are paired (McNemar).
 
-Output folder:
-* ``responses.jsonl`` — every prompt and answer with its verdicts (the only place harmful text is written);
-* ``results.json`` — rates per template × category × severity with Wilson intervals, McNemar tests, analyses,
-  throughput and provenance; recomputable from responses.jsonl (`summarize_records`) after re-judging;
-* ``refusal_vs_sparsity.png`` and ``report.md`` — the section for the report.
-The folder is staged and renamed into place at the end, with a marker that lets a later ``--overwrite``
-replace it; re-judging rewrites each file whole (a temporary file renamed over it), never in place.
+A full study is hours of CPU, so a run is resumable: the output folder is the run's state.
+
+* ``run.json`` — what defines the run (model, templates, sparsities, judges, ...): a rerun of the same command
+  continues the run; a rerun with a different definition is refused with one line (``--overwrite`` starts
+  again). The folder carries prunekit's marker from its first second, so ``--overwrite`` still refuses
+  folders prunekit did not write.
+* ``responses.jsonl`` — every prompt and answer with its verdicts (the only place harmful text is written),
+  appended and fsynced batch by batch; prompts already answered (keyed by variant, set, template, task) are
+  skipped by a rerun;
+* ``variants/<name>/`` — a pruned variant's masks (saved once, reused by a rerun instead of pruning again) and
+  its measurements (``info.json``: throughput, analyses, perplexity);
+* ``results.json``, ``refusal_vs_sparsity.png``, ``report.md`` — recomputed from the above at the end of every
+  run (each through a temporary file and rename); a failing plot or report is reported and never loses the
+  answers, which are already on disk.
 Nothing written to the terminal contains a prompt or an answer.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -30,18 +37,29 @@ import torch
 from prunekit.checks import check_device, check_positive
 from prunekit.errors import PrunekitError
 from prunekit.files import (
+    append_lines,
+    atomic_save_tensors,
     atomic_savefig,
     atomic_write_json,
     atomic_write_text,
     check_output_dir,
-    new_staging_dir,
-    publish_dir,
+    read_jsonl,
+    remove_own_dir,
     write_marker,
 )
-from prunekit.safety.data import Prompt, Task, build_prompts, load_suite, read_tasks, select_templates, subset
-from prunekit.safety.generate import Encoded, encode, generate, resolve_mode
-from prunekit.safety.judges import Judge, PrefixJudge, apply_judges, write_records
-from prunekit.safety.stats import mcnemar_exact, paired_difference, rate
+from prunekit.safety.data import (
+    Prompt,
+    Task,
+    Template,
+    build_prompts,
+    load_suite,
+    read_tasks,
+    select_templates,
+    subset,
+)
+from prunekit.safety.generate import Encoded, decode_batches, encode, generate, resolve_mode
+from prunekit.safety.judges import Judge, PrefixJudge, apply_judges, stop_rule, write_records
+from prunekit.safety.stats import error_bar, mcnemar_exact, paired_difference, rate
 
 Log = Callable[[str], None]
 
@@ -68,11 +86,32 @@ class SafetyConfig:
     seed: int = 0
     device: str = "cpu"
     analyses: bool = False  # attention-to-task and prompt perplexity
+    analyses_limit: int | None = None  # analyses on this many tasks (spread evenly) of the run's tasks
     ppl_source: str | None = None  # perplexity of each variant on this text source
     ppl_seqlen: int = 512
     ppl_max_windows: int | None = None
     judge_model: str | None = None  # a local chat model as second judge
     keep_token_ids: bool = False  # store answer token ids (for the max-new-tokens study)
+    layers: str = "attention"  # the paper prunes the attention projections only (docs/safety.md)
+    generation: str = "prefix"  # "prefix": shared-prefix KV cache; "plain": model.generate on whole prompts
+    stop_early: bool = True  # end an answer once the judges' verdict is final (recorded in the answer)
+    baseline_batch_size: int | None = None  # --throughput-study: the old path's batch (default: batch_size)
+
+
+#: --layers: which Linear layers Wanda prunes. The paper's code (CrystalEye42/eval-safety, lib/prune.py,
+#: prune_wanda) skips every layer whose name contains "mlp", i.e. prunes q/k/v/o of the attention only.
+LAYER_SKIPS: dict[str, list[str]] = {"attention": ["*mlp*", "*.fc1", "*.fc2", "*feed_forward*"], "all": []}
+GENERATIONS = ("prefix", "plain")
+RUN_FILE = "run.json"
+#: What defines a run's answers: a rerun must match on these (batch size, device, analyses may change).
+IDENTITY_FIELDS = ("model", "reference", "tasks", "benign", "sparsities", "method", "layers", "limit",
+                   "max_new_tokens", "prompt_format", "calib", "nsamples", "seqlen", "seed", "stop_early")
+
+
+def check_layers(value: str) -> str:
+    if value not in LAYER_SKIPS:
+        raise PrunekitError(f"unknown --layers {value!r}; expected {' or '.join(LAYER_SKIPS)}")
+    return value
 
 
 def check_sparsities(values: Sequence[float]) -> list[float]:
@@ -102,35 +141,89 @@ def _encode_all(tokenizer: Any, prompts: Sequence[Prompt], mode: str) -> list[En
     return [encode(tokenizer, p.text, mode, p.span) for p in prompts]  # type: ignore[arg-type]
 
 
-def evaluate_variant(name: str, sparsity: float, model: Any, tokenizer: Any, harmful: Sequence[Prompt],
-                     benign: Sequence[Prompt], config: SafetyConfig, judges: Sequence[Judge],
-                     tasks: Sequence[Task], log: Log) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Generate and judge every prompt with one model; the records and the variant's measurements."""
+def record_key(record: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What identifies an answer across reruns: variant, prompt set, template, task."""
+    return record["variant"], record["set"], record["template"], str(record["task_id"])
+
+
+def generate_variant(name: str, sparsity: float, model: Any, tokenizer: Any, prompts: Sequence[tuple[str, Prompt]],
+                     done: set[tuple[str, str, str, str]], config: SafetyConfig, judges: Sequence[Judge],
+                     responses: Path, log: Log) -> dict[str, Any]:
+    """Answer the prompts of `prompts` ((set, prompt) pairs) not yet in `done`, appending each finished batch
+    (judged) to `responses`; returns this session's generation counts."""
     mode = resolve_mode(tokenizer, config.prompt_format)  # type: ignore[arg-type]
-    prompts = [*harmful, *benign]
-    encoded = _encode_all(tokenizer, prompts, mode)
-    log(f"{name}: generating {len(prompts)} answers (max {config.max_new_tokens} new tokens, {mode} format)")
-    gen = generate(model, tokenizer, [e.ids for e in encoded], max_new_tokens=config.max_new_tokens,
-                   batch_size=config.batch_size)
-    records = []
-    for i, (prompt, answer) in enumerate(zip(prompts, gen.texts, strict=True)):
-        record = {"variant": name, "sparsity": sparsity, "set": "harmful" if i < len(harmful) else "benign",
-                  **prompt.meta(), "prompt": prompt.text, "response": answer, "new_tokens": len(gen.token_ids[i])}
-        if config.keep_token_ids:
-            record["token_ids"] = gen.token_ids[i]
-        records.append(record)
-    apply_judges(records, judges)
-    info: dict[str, Any] = {"sparsity": sparsity, "format": mode, "generation": gen.describe()}
-    log(f"{name}: {gen.prompts_per_second:.2f} prompts/s")
-    if config.analyses:
-        info["analyses"] = run_analyses(model, tokenizer, harmful, encoded[: len(harmful)], tasks, config)
-    if config.ppl_source:
+    todo = [(kind, p) for kind, p in prompts if (name, kind, p.template, str(p.task.id)) not in done]
+    if not todo:
+        return {"prompts": 0, "seconds": 0.0}
+    log(f"{name}: generating {len(todo)} answers ({len(prompts) - len(todo)} already on disk; max "
+        f"{config.max_new_tokens} new tokens, {mode} format, {config.generation} path)")
+    ids = [e.ids for e in _encode_all(tokenizer, [p for _, p in todo], mode)]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (_, p) in enumerate(todo):
+        groups[p.template].append(i)  # one shared prefix per template
+    stop = stop_rule(judges) if config.stop_early else None
+    total_seconds, total_prompts, next_log = 0.0, 0, time.perf_counter() + 60
+    for batch in _batches(model, tokenizer, ids, list(groups.values()), config, stop):
+        records = []
+        for i, token_ids, ended, reason in zip(batch.indices, batch.token_ids, batch.ended, batch.reasons,
+                                               strict=True):
+            kind, prompt = todo[i]
+            record = {"variant": name, "sparsity": sparsity, "set": kind, **prompt.meta(), "prompt": prompt.text,
+                      "response": tokenizer.decode(token_ids, skip_special_tokens=True),
+                      "new_tokens": len(token_ids), "ended": ended,
+                      "seconds": batch.seconds / len(batch.indices)}
+            if ended == "verdict":
+                record["cut"] = f"answer cut after {len(token_ids)} tokens: {reason}"
+            if config.keep_token_ids:
+                record["token_ids"] = token_ids
+            records.append(record)
+        apply_judges(records, judges)
+        append_lines(responses, [json.dumps(r, ensure_ascii=False) for r in records])
+        total_seconds += batch.seconds
+        total_prompts += len(records)
+        if time.perf_counter() > next_log:
+            log(f"{name}: {total_prompts}/{len(todo)} answered, {total_prompts / total_seconds:.2f} prompts/s")
+            next_log = time.perf_counter() + 60
+    log(f"{name}: {total_prompts / total_seconds:.2f} prompts/s")
+    return {"prompts": total_prompts, "seconds": total_seconds}
+
+
+def _batches(model: Any, tokenizer: Any, ids: list[list[int]], groups: list[list[int]], config: SafetyConfig,
+             stop: Any) -> Any:
+    """Finished batches from the fast path, or from the plain path (model.generate) batch by batch."""
+    if config.generation == "prefix":
+        yield from decode_batches(model, tokenizer, ids, max_new_tokens=config.max_new_tokens,
+                                  batch_size=config.batch_size, groups=groups, stop=stop)
+        return
+    from prunekit.safety.generate import Batch
+
+    for group in groups:
+        order = sorted(group, key=lambda i: len(ids[i]))
+        for start in range(0, len(order), config.batch_size):
+            chunk = order[start:start + config.batch_size]
+            gen = generate(model, tokenizer, [ids[i] for i in chunk], max_new_tokens=config.max_new_tokens,
+                           batch_size=config.batch_size)
+            ended = ["length" if len(t) >= config.max_new_tokens else "eos" for t in gen.token_ids]
+            yield Batch(chunk, gen.token_ids, ended, [None] * len(chunk), gen.seconds, 0)
+
+
+def variant_measurements(model: Any, tokenizer: Any, harmful: Sequence[Prompt], tasks: Sequence[Task],
+                         config: SafetyConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """Analyses and perplexity a variant still lacks (an earlier session may have stored some)."""
+    mode = resolve_mode(tokenizer, config.prompt_format)  # type: ignore[arg-type]
+    if config.analyses and "analyses" not in info:
+        chosen = subset(tasks, config.analyses_limit)  # a full prefill per prompt: bounded on a CPU
+        ids = {t.id for t in chosen}
+        some = [p for p in harmful if p.task.id in ids]
+        encoded = _encode_all(tokenizer, some, mode)
+        info["analyses"] = run_analyses(model, tokenizer, some, encoded, chosen, config)
+    if config.ppl_source and "perplexity" not in info:
         from prunekit.evaluation import perplexity
 
         info["perplexity"] = perplexity(model, tokenizer, config.ppl_source, seqlen=config.ppl_seqlen,
                                         batch_size=min(config.batch_size, 8), max_windows=config.ppl_max_windows,
                                         progress=False).to_dict()
-    return records, info
+    return info
 
 
 def run_analyses(model: Any, tokenizer: Any, harmful: Sequence[Prompt], encoded: Sequence[Encoded],
@@ -305,8 +398,9 @@ def plot_refusal(summary: dict[str, Any], path: Path, title: str = "") -> Path:
                 continue
             xs.append(100 * (v["sparsity"] or 0.0) + dodge)
             ys.append(r["rate"])
-            lo.append(r["rate"] - r["ci95"][0])
-            hi.append(r["ci95"][1] - r["rate"])
+            below, above = error_bar(r)
+            lo.append(below)
+            hi.append(above)
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=template)
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel(f"refusal rate ({summary['judge']} judge)")
@@ -326,6 +420,11 @@ def _fmt_rate(r: dict[str, Any] | None) -> str:
     return f"{100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] (n={r['n']})"
 
 
+def _fmt_speed(gen: dict[str, Any] | None) -> str:
+    speed = (gen or {}).get("prompts_per_s")
+    return "–" if speed is None else f"{speed:.2f}"
+
+
 def report_section(results: dict[str, Any], plot_name: str = "refusal_vs_sparsity.png") -> str:
     """Markdown: refusal per template and variant, over-refusal, McNemar p-values, throughput."""
     summary = results["summary"]
@@ -343,7 +442,7 @@ def report_section(results: dict[str, Any], plot_name: str = "refusal_vs_sparsit
     lines.append("| benign over-refusal | " + " | ".join(
         _fmt_rate(summary["variants"][n]["benign_over_refusal"]) for n in names) + " |")
     lines.append("| prompts/s | " + " | ".join(
-        f"{results['variants'][n]['generation']['prompts_per_s']:.2f}" for n in names) + " |")
+        _fmt_speed(results["variants"].get(n, {}).get("generation")) for n in names) + " |")
     lines += ["", "McNemar exact test vs the baseline (harmful prompts; gained = newly refused, lost = no longer):", ""]
     for name, c in summary["vs_baseline"].items():
         h = c.get("harmful")
@@ -365,19 +464,132 @@ def _load(spec: str, log: Log) -> Any:
     return load_model(spec)
 
 
+# --------------------------------------------------------------------------------------------------
+# the run folder: identity, resume, saved variants
+
+
+def run_identity(config: SafetyConfig, templates: Sequence[Template], judges: Sequence[Judge]) -> dict[str, Any]:
+    """What a rerun must share with the stored run to continue it (the templates by name and text)."""
+    identity = {k: getattr(config, k) for k in IDENTITY_FIELDS}
+    identity["sparsities"] = [float(x) for x in config.sparsities]
+    identity["templates"] = {t.name: hashlib.sha256(t.text.encode()).hexdigest()[:16] for t in templates}
+    identity["judges"] = [j.name for j in judges] + ([f"chat:{config.judge_model}"] if config.judge_model else [])
+    return identity
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(value) or "none"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return repr(value)
+
+
+def prepare_run_dir(out_dir: str | Path, identity: dict[str, Any], overwrite: bool) -> tuple[Path, bool]:
+    """Create, continue or (with `overwrite`) restart the run folder; returns it and whether it resumes.
+
+    A folder holding a run of another definition is refused with one line naming the first difference; a
+    folder prunekit did not write is refused as everywhere (`check_output_dir`).
+    """
+    out = Path(out_dir).expanduser()
+    state_file = out / RUN_FILE
+    if out.is_dir() and not overwrite and state_file.is_file():
+        try:
+            stored = json.loads(state_file.read_text(encoding="utf-8"))["identity"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise PrunekitError(f"{state_file} is unreadable ({type(error).__name__}); pass --overwrite to start "
+                                "the run again") from error
+        for key in ("model", "reference", "templates", "sparsities", "judges", *IDENTITY_FIELDS):
+            if stored.get(key) != identity.get(key):
+                flag = {"model": "MODEL", "judges": "judge (--judge-model)", "tasks": "--tasks file",
+                        "stop_early": "--stop-early/--no-stop-early"}.get(key, f"--{key.replace('_', '-')}")
+                raise PrunekitError(
+                    f"{out} holds a run with a different {flag} ({_describe(stored.get(key))}, now "
+                    f"{_describe(identity.get(key))}); rerun with the same options to continue it, or pass "
+                    "--overwrite to start again")
+        return out, True
+    if out.is_dir() and not overwrite and not any(out.iterdir()):
+        pass  # an empty folder: start in it
+    else:
+        check_output_dir(out, overwrite)
+        if out.exists():
+            remove_own_dir(out)  # check_output_dir allowed it: prunekit wrote it (or it is empty)
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "safety")  # first, so that --overwrite recognises an interrupted run as prunekit's
+    atomic_write_json(out / RUN_FILE, {"identity": identity, "state": "running"}, indent=1)
+    return out, False
+
+
+def _mark(out: Path, state: str, extra: dict[str, Any] | None = None) -> None:
+    record = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    record.update(state=state, **(extra or {}))
+    atomic_write_json(out / RUN_FILE, record, indent=1)
+
+
+def save_pruned(dense: torch.nn.Module, pruned: torch.nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Store what pruning changed: the zero mask of each layer (bit-packed) when pruning only zeroed weights
+    (Wanda), the whole weight otherwise; `load_pruned` rebuilds the variant from the dense model exactly."""
+    import numpy as np
+
+    dense_params = dict(dense.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, weight in pruned.named_parameters():
+        base = dense_params[name]
+        if torch.equal(weight, base):
+            continue
+        zero = weight == 0
+        if torch.equal(base.masked_fill(zero, 0), weight):
+            bits = np.packbits(zero.detach().cpu().numpy().reshape(-1))
+            tensors[f"mask::{name}"] = torch.from_numpy(bits)
+        else:
+            tensors[f"weight::{name}"] = weight.detach().cpu()
+    atomic_save_tensors(tensors, path, metadata={"prunekit": json.dumps(meta, default=str)})
+
+
+def load_pruned(dense: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """A copy of `dense` with a saved variant's masks (or weights) applied."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    pruned = copy.deepcopy(dense)
+    params = dict(pruned.named_parameters())
+    with torch.no_grad():
+        for key, tensor in load_file(str(path)).items():
+            kind, name = key.split("::", 1)
+            if name not in params:
+                raise PrunekitError(f"{path} does not fit the model (no parameter {name}); pass --overwrite")
+            target = params[name]
+            if kind == "weight":
+                target.copy_(tensor.to(target.dtype))
+            else:
+                bits = np.unpackbits(tensor.numpy())[: target.numel()]
+                mask = torch.from_numpy(bits.astype(bool)).reshape(target.shape).to(target.device)
+                target.masked_fill_(mask, 0)
+    return pruned
+
+
+# --------------------------------------------------------------------------------------------------
+# the study
+
+
 def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = False, log: Log = print,
               loader: Callable[[str], Any] | None = None, judges: Sequence[Judge] | None = None) -> dict[str, Any]:
-    """Run the whole study and write the output folder; returns results.json's content.
+    """Run (or continue) the whole study in `out_dir`; returns results.json's content.
 
     `loader` maps a model spec to a LoadedModel (default: prunekit.models.load_model) — tests pass tiny models.
+    Every input is checked before any work; a rerun of the same command continues where the last one stopped.
     """
     started = time.perf_counter()
     sparsities = check_sparsities(config.sparsities)
     if config.method != "wanda" and not sparsities:
         raise PrunekitError("--method needs --sparsities")
     check_positive({"--max-new-tokens": config.max_new_tokens, "--batch-size": config.batch_size,
-                    "--nsamples": config.nsamples, "--seqlen": config.seqlen, "--limit": config.limit})
+                    "--nsamples": config.nsamples, "--seqlen": config.seqlen, "--limit": config.limit,
+                    "--analyses-limit": config.analyses_limit})
     check_device(config.device)
+    check_layers(config.layers)
+    if config.generation not in GENERATIONS:
+        raise PrunekitError(f"unknown --generation {config.generation!r}; expected {' or '.join(GENERATIONS)}")
     if config.prompt_format not in ("auto", "chat", "plain"):
         raise PrunekitError(f"unknown --format {config.prompt_format!r}; expected auto, chat or plain")
     tasks, available = load_suite(config.tasks, config.template_files)
@@ -391,88 +603,194 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         from prunekit.methods import build_method
 
         build_method(config.method, None)
-    out = check_output_dir(out_dir, overwrite)
-    load = loader or (lambda spec: _load(spec, log))
-
     judge_list: list[Judge] = list(judges) if judges is not None else [PrefixJudge()]
+    out, resumed = prepare_run_dir(out_dir, run_identity(config, templates, judge_list), overwrite)
+    if resumed:
+        log(f"continuing the run in {out}")
+    load = loader or (lambda spec: _load(spec, log))
     if config.judge_model:
         from prunekit.safety.judges import ChatJudge
 
         judged = load(config.judge_model)
         judge_list.append(ChatJudge(judged.model.to(config.device), judged.tokenizer, batch_size=config.batch_size))
 
-    records: list[dict[str, Any]] = []
-    infos: dict[str, dict[str, Any]] = {}
-    provenance: dict[str, Any] = {}
-
-    def run_variant(name: str, loaded: Any, model: Any, declared: float | None) -> None:
-        sparsity = measured_sparsity(model) if declared is None else declared
-        recs, info = evaluate_variant(name, sparsity, model, loaded.tokenizer, harmful, benign, config, judge_list,
-                                      tasks, log)
-        records.extend(recs)
-        infos[name] = info
-
-    baseline = "dense"
+    responses = out / "responses.jsonl"
+    done = {record_key(r) for r in read_jsonl(responses)}
+    prompts = [*(("harmful", p) for p in harmful), *(("benign", p) for p in benign)]
+    baseline = "reference" if config.reference else "dense"
+    plan: list[tuple[str, float | None]] = []
     if config.reference:
-        baseline = "reference"
-        ref = load(config.reference)
-        provenance["reference"] = getattr(ref, "provenance", {})
-        run_variant("reference", ref, ref.model.to(config.device), 0.0)
-        del ref
-    loaded = load(config.model)
-    provenance["model"] = getattr(loaded, "provenance", {})
-    model = loaded.model.to(config.device)
-    run_variant("model" if config.reference else "dense", loaded, model, None if config.reference else 0.0)
-    prune_reports = {}
-    for s in sparsities:
-        from prunekit.api import prune
+        plan.append(("reference", None))
+    plan.append(("model" if config.reference else "dense", None))
+    plan += [(f"{config.method}-{s:g}", s) for s in sparsities]
+    loaded_cache: dict[str, Any] = {}
 
-        name = f"{config.method}-{s:g}"
-        log(f"{name}: pruning a copy of the model")
-        pruned = copy.deepcopy(model)
-        report = prune(pruned, method=config.method, sparsity=s, calibration=config.calib or "self",
-                       tokenizer=loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
-                       device=config.device, progress=False)
-        prune_reports[name] = {"overall_sparsity": report.overall_sparsity, "seconds": report.seconds,
-                               "calibration": report.calibration, "method": report.method}
-        run_variant(name, loaded, pruned, report.overall_sparsity)
-        del pruned
+    def dense_model(spec: str) -> Any:
+        if spec not in loaded_cache:
+            loaded_cache.clear()  # one model in memory at a time
+            item = load(spec)
+            item.model.to(config.device)
+            loaded_cache[spec] = item
+        return loaded_cache[spec]
+
+    provenance: dict[str, Any] = {}
+    for name, target in plan:
+        folder = out / "variants" / name
+        info_path = folder / "info.json"
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+        missing = any((name, kind, p.template, str(p.task.id)) not in done for kind, p in prompts)
+        wants = (config.analyses and "analyses" not in info) or (config.ppl_source and "perplexity" not in info)
+        if not missing and not wants and info:
+            log(f"{name}: complete on disk, skipped")
+            continue
+        spec = config.reference if name == "reference" else config.model
+        loaded = dense_model(spec)
+        provenance[name] = getattr(loaded, "provenance", {})
+        model = loaded.model
+        if target is not None:
+            model = _pruned_variant(name, target, loaded, folder, config, log)
+            info["prune"] = json.loads((folder / "prune.json").read_text(encoding="utf-8"))
+            sparsity = float(target)
+        else:
+            sparsity = measured_sparsity(model) if name == "model" else 0.0
+        session = generate_variant(name, sparsity, model, loaded.tokenizer, prompts, done, config, judge_list,
+                                   responses, log)
+        info.setdefault("sessions", []).append(session)
+        info.update(sparsity=sparsity, format=resolve_mode(loaded.tokenizer, config.prompt_format))  # type: ignore[arg-type]
+        variant_measurements(model, loaded.tokenizer, harmful, tasks, config, info)
+        atomic_write_json(info_path, info, indent=None)
+        if model is not loaded.model:
+            del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    loaded_cache.clear()
+    results = finish_run(out, config, templates, tasks, harmful, benign, baseline, [n for n, _ in plan], log,
+                         seconds=time.perf_counter() - started, provenance=provenance)
+    return results
 
-    summaries = {j.name: summarize_records(records, j.name, baseline) for j in judge_list}
-    main_summary = summaries[judge_list[0].name]
-    results = {
+
+def _pruned_variant(name: str, target: float, loaded: Any, folder: Path, config: SafetyConfig, log: Log) -> Any:
+    """The pruned copy of the dense model: from the run folder when an earlier session saved it, else pruned
+    now (and saved once)."""
+    masks = folder / "pruned.safetensors"
+    if masks.is_file() and (folder / "prune.json").is_file():
+        log(f"{name}: reusing the saved pruned variant")
+        return load_pruned(loaded.model, masks)
+    from prunekit.api import prune
+
+    log(f"{name}: pruning a copy of the model ({config.layers} layers)")
+    pruned = copy.deepcopy(loaded.model)
+    report = prune(pruned, method=config.method, sparsity=target, calibration=config.calib or "self",
+                   tokenizer=loaded.tokenizer, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
+                   skip=list(LAYER_SKIPS[config.layers]) or None, device=config.device, progress=False)
+    pruned_layers = [r.name for r in report.engine.layers if r.pruned]
+    meta = {"overall_sparsity": report.overall_sparsity, "all_linear_sparsity": measured_sparsity(pruned),
+            "seconds": report.seconds, "calibration": report.calibration, "method": report.method,
+            "layers": config.layers, "pruned_layers": len(pruned_layers),
+            "pruned_layer_kinds": sorted({n.rsplit(".", 1)[-1] for n in pruned_layers})}
+    save_pruned(loaded.model, pruned, masks, {"variant": name, "sparsity": target})
+    atomic_write_json(folder / "prune.json", meta, indent=1)
+    return pruned
+
+
+def _variant_infos(out: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    infos = {}
+    for name in names:
+        path = out / "variants" / name / "info.json"
+        if path.is_file():
+            infos[name] = json.loads(path.read_text(encoding="utf-8"))
+    return infos
+
+
+def _generation_stats(records: Sequence[dict[str, Any]], name: str, config: SafetyConfig) -> dict[str, Any]:
+    """Throughput of a variant from its stored answers (summed over every session of the run)."""
+    rows = [r for r in records if r["variant"] == name]
+    seconds = sum(r.get("seconds", 0.0) for r in rows)
+    ended = defaultdict(int)
+    for r in rows:
+        ended[r.get("ended", "?")] += 1
+    return {"prompts": len(rows), "seconds": seconds, "prompts_per_s": len(rows) / seconds if seconds else None,
+            "new_tokens": sum(r.get("new_tokens", 0) for r in rows), "ended": dict(ended),
+            "batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens, "path": config.generation}
+
+
+def finish_run(out: Path, config: SafetyConfig, templates: Sequence[Template], tasks: Sequence[Task],
+               harmful: Sequence[Prompt], benign: Sequence[Prompt], baseline: str, names: Sequence[str], log: Log,
+               *, seconds: float, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Summaries from the stored answers: results.json first, then the plot and the report, each written whole;
+    a failing plot or report is logged and recorded, never fatal (the answers are on disk already)."""
+    records = read_jsonl(out / "responses.jsonl")
+    names_present = [n for n in names if any(r["variant"] == n for r in records)]
+    judge_names = list(dict.fromkeys(k for r in records for k in r["verdicts"]))
+    summaries = {j: summarize_records(records, j, baseline) for j in judge_names}
+    main_summary = summaries[judge_names[0]]
+    infos = _variant_infos(out, names_present)
+    variants = {}
+    for name in names_present:
+        info = infos.get(name, {})
+        variants[name] = {"sparsity": info.get("sparsity"), "format": info.get("format"),
+                          "generation": _generation_stats(records, name, config),
+                          **{k: info[k] for k in ("prune", "perplexity") if k in info}}
+    expected = len(harmful) + len(benign)
+    results: dict[str, Any] = {
         "config": asdict(config),
         "counts": {"tasks": len(tasks), "templates": [t.name for t in templates], "harmful_prompts": len(harmful),
-                   "benign_prompts": len(benign)},
+                   "benign_prompts": len(benign), "answers": len(records), "expected_answers": expected * len(names),
+                   "complete": len(records) >= expected * len(names)},
         "provenance": provenance,
-        "prune": prune_reports,
-        "variants": {n: {k: v for k, v in i.items() if k != "analyses"} for n, i in infos.items()},
+        "prune": {n: v["prune"] for n, v in variants.items() if "prune" in v},
+        "variants": variants,
         "summary": main_summary,
         "summaries_by_judge": summaries,
         "analyses": {"tables": analysis_tables(infos), "vs_baseline": compare_analyses(infos, baseline)}
         if config.analyses else None,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
-    staging = new_staging_dir(out)
+    if config.analyses:
+        atomic_write_json(out / "analyses.json", {n: i.get("analyses") for n, i in infos.items()}, indent=None)
+    atomic_write_json(out / "results.json", results, indent=1)
+    problems = []
     try:
-        write_records(records, staging / "responses.jsonl")
-        if config.analyses:
-            atomic_write_json(staging / "analyses.json", {n: i.get("analyses") for n, i in infos.items()}, indent=None)
-        atomic_write_json(staging / "results.json", results, indent=1)
-        plot_refusal(main_summary, staging / "refusal_vs_sparsity.png", f"{config.model}: refusal rate vs sparsity")
-        atomic_write_text(staging / "report.md", report_section(results))
-        write_marker(staging, "safety")
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        plot_refusal(main_summary, out / "refusal_vs_sparsity.png", f"{config.model}: refusal rate vs sparsity")
+    except Exception as error:
+        problems.append(f"plot: {type(error).__name__}: {error}")
+    try:
+        atomic_write_text(out / "report.md", report_section(results))
+    except Exception as error:
+        problems.append(f"report: {type(error).__name__}: {error}")
+    for problem in problems:
+        log(f"warning: {problem} (the answers and results.json are saved)")
+    if problems:
+        results["problems"] = problems
+        atomic_write_json(out / "results.json", results, indent=1)
+    _mark(out, "complete" if results["counts"]["complete"] else "partial",
+          {"answers": len(records), "expected_answers": expected * len(names)})
     return results
 
 
+def run_throughput(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = False, log: Log = print,
+                   loader: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """`--throughput-study`: old vs new generation path on the same prompts; writes ``throughput.json``."""
+    from prunekit.safety.throughput import throughput_study
+
+    check_positive({"--max-new-tokens": config.max_new_tokens, "--batch-size": config.batch_size,
+                    "--limit": config.limit})
+    check_device(config.device)
+    _, available = load_suite(config.tasks, config.template_files)
+    select_templates(config.templates, available)
+    out = check_output_dir(out_dir, overwrite)
+    loaded = (loader or (lambda spec: _load(spec, log)))(config.model)
+    loaded.model.to(config.device)
+    study = throughput_study(loaded, config, log)
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "safety")
+    atomic_write_json(out / "throughput.json", study, indent=1)
+    return study
+
+
 def resummarize(out_dir: str | Path, judges: Sequence[Judge] | None = None) -> dict[str, Any]:
-    """Re-judge a finished run's responses.jsonl (optionally with new judges) and rewrite its summaries."""
+    """Re-judge a run's responses.jsonl (optionally with new judges) and rewrite its summaries; every file is
+    replaced whole through a temporary file (never rewritten in place)."""
     from prunekit.safety.judges import read_records
 
     out = Path(out_dir)
@@ -507,13 +825,17 @@ def parse_list(text: str | None, flag: str, kind: type) -> list[Any]:
 def format_summary(results: dict[str, Any]) -> str:
     """A terminal summary: rates and p-values only, never a prompt or an answer."""
     summary = results["summary"]
-    lines = [f"refusal rate ({summary['judge']} judge, 95 % Wilson interval), {results['counts']['tasks']} tasks:"]
+    counts = results["counts"]
+    lines = [f"refusal rate ({summary['judge']} judge, 95 % Wilson interval), {counts['tasks']} tasks:"]
+    if not counts.get("complete", True):
+        lines.insert(0, f"partial run: {counts['answers']} of {counts['expected_answers']} answers; run the same "
+                        "command again to continue")
     for name, v in summary["variants"].items():
-        gen = results["variants"][name]["generation"]
+        gen = results["variants"].get(name, {}).get("generation")
         line = f"  {name:<14} sparsity {v['sparsity'] or 0:.3f}  harmful {_fmt_rate(v['refusal'])}"
         if v["benign_over_refusal"]:
             line += f"  benign over-refusal {_fmt_rate(v['benign_over_refusal'])}"
-        lines.append(line + f"  {gen['prompts_per_s']:.2f} prompts/s")
+        lines.append(line + f"  {_fmt_speed(gen)} prompts/s")
         for template, r in v["refusal_by"]["template"].items():
             lines.append(f"      {template:<12} {_fmt_rate(r)}")
     for name, c in summary["vs_baseline"].items():

@@ -16,16 +16,33 @@ Z95 = 1.959963984540054
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """Wilson score interval for k successes in n trials (None for n = 0): honest near 0 and 1, unlike Wald."""
+    """Wilson score interval for k successes in n trials (None for n = 0): honest near 0 and 1, unlike Wald.
+
+    scipy's `binomtest(...).proportion_ci(method="wilson")` gives the bounds (for the usual 95 %; another `z`
+    uses the same closed form). The bounds are then clamped to [0, rate] and [rate, 1]: the closed form leaves
+    rounding residue at k = 0 or k = n (a lower bound of 5.6e-17 at rate 0), which made error bars negative
+    and crashed the plot at the end of a run.
+    """
     if n <= 0:
         return None
     if not 0 <= k <= n:
         raise ValueError(f"k={k} outside [0, n={n}]")
     p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    if abs(z - Z95) < 1e-12:
+        ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        lo, hi = float(ci.low), float(ci.high)
+    else:
+        denom = 1 + z * z / n
+        centre = (p + z * z / (2 * n)) / denom
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+        lo, hi = centre - half, centre + half
+    return min(max(lo, 0.0), p), max(min(hi, 1.0), p)
+
+
+def error_bar(r: dict[str, Any]) -> tuple[float, float]:
+    """(below, above) distances of a rate's interval from the rate, never negative (matplotlib's `yerr`)."""
+    lo, hi = r["ci95"]
+    return max(0.0, r["rate"] - lo), max(0.0, hi - r["rate"])
 
 
 def rate(flags: Sequence[bool | None]) -> dict[str, Any]:
