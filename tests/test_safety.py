@@ -15,7 +15,8 @@ from prunekit.files import MARKER
 from prunekit.safety import data, judges, stats
 from prunekit.safety.analysis import attention_to_span, prompt_perplexities
 from prunekit.safety.generate import encode, format_message, generate, resolve_mode
-from prunekit.safety.run import SafetyConfig, resummarize, run_study, summarize_records
+from prunekit.safety.run import SafetyConfig, resummarize, run_study
+from prunekit.safety.summary import summarize_records
 from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
 
 CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -183,7 +184,7 @@ def test_wilson_bounds_at_the_edges():
 
 
 def test_plot_with_rates_at_zero_and_one(tmp_path):
-    from prunekit.safety.run import plot_refusal
+    from prunekit.safety.summary import plot_refusal
 
     records = []
     for variant, sparsity, refused in (("dense", 0.0, False), ("wanda-0.1", 0.1, True)):
@@ -510,7 +511,7 @@ def test_saved_variant_rebuilds_the_pruned_model(tmp_path, tiny):
     import copy
 
     from prunekit.api import prune
-    from prunekit.safety.run import load_pruned, save_pruned
+    from prunekit.safety.state import load_pruned, save_pruned
 
     pruned = copy.deepcopy(tiny)
     prune(pruned, method="wanda", sparsity=0.3, calibration=torch_ids(), nsamples=2, seqlen=16, progress=False)

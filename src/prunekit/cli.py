@@ -555,7 +555,8 @@ def safety(
 ) -> None:
     """Jailbreak resistance dense vs pruned: refusal rates with intervals, McNemar, plot. Prompts and answers
     go to the output folder only. A stopped run continues when the same command is run again."""
-    from prunekit.safety.run import SafetyConfig, format_summary, parse_list, run_study, run_throughput
+    from prunekit.safety.run import SafetyConfig, parse_list, run_study, run_throughput
+    from prunekit.safety.summary import format_summary
 
     config = SafetyConfig(model=model, tasks=tasks, benign=benign, reference=reference,
                           sparsities=[float(s) for s in parse_list(sparsities, "--sparsities", float)],

@@ -38,13 +38,10 @@ from prunekit.checks import check_device, check_positive
 from prunekit.errors import PrunekitError
 from prunekit.files import (
     append_lines,
-    atomic_save_tensors,
-    atomic_savefig,
     atomic_write_json,
     atomic_write_text,
     check_output_dir,
     read_jsonl,
-    remove_own_dir,
     write_marker,
 )
 from prunekit.safety.data import (
@@ -59,7 +56,14 @@ from prunekit.safety.data import (
 )
 from prunekit.safety.generate import Encoded, decode_batches, encode, generate, resolve_mode
 from prunekit.safety.judges import Judge, PrefixJudge, apply_judges, stop_rule, write_records
-from prunekit.safety.stats import error_bar, mcnemar_exact, paired_difference, rate
+from prunekit.safety.state import IDENTITY_FIELDS, load_pruned, mark_state, prepare_run_dir, save_pruned
+from prunekit.safety.summary import (
+    analysis_tables,
+    compare_analyses,
+    plot_refusal,
+    report_section,
+    summarize_records,
+)
 
 Log = Callable[[str], None]
 
@@ -102,10 +106,6 @@ class SafetyConfig:
 #: prune_wanda) skips every layer whose name contains "mlp", i.e. prunes q/k/v/o of the attention only.
 LAYER_SKIPS: dict[str, list[str]] = {"attention": ["*mlp*", "*.fc1", "*.fc2", "*feed_forward*"], "all": []}
 GENERATIONS = ("prefix", "plain")
-RUN_FILE = "run.json"
-#: What defines a run's answers: a rerun must match on these (batch size, device, analyses may change).
-IDENTITY_FIELDS = ("model", "reference", "tasks", "benign", "sparsities", "method", "layers", "limit",
-                   "max_new_tokens", "prompt_format", "calib", "nsamples", "seqlen", "seed", "stop_early")
 
 
 def check_layers(value: str) -> str:
@@ -249,214 +249,6 @@ def run_analyses(model: Any, tokenizer: Any, harmful: Sequence[Prompt], encoded:
 # summaries (from records alone, so a re-judged responses.jsonl gives new results without generating)
 
 
-def _flip(r: dict[str, Any]) -> dict[str, Any]:
-    """Attack success = 1 − refusal (among decided verdicts)."""
-    ci = r["ci95"]
-    return {**r, "k": r["n"] - r["k"], "rate": None if r["rate"] is None else 1 - r["rate"],
-            "ci95": None if ci is None else (1 - ci[1], 1 - ci[0])}
-
-
-def summarize_records(records: Sequence[dict[str, Any]], judge: str = "prefix",
-                      baseline: str | None = None) -> dict[str, Any]:
-    """Refusal / attack-success rates per variant and their paired comparison with the baseline variant."""
-    by_variant: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_variant[r["variant"]].append(r)
-    if not by_variant:
-        raise PrunekitError("no responses to summarize")
-    baseline = baseline or next(iter(by_variant))
-    variants: dict[str, Any] = {}
-    for name, rows in by_variant.items():
-        harmful = [r for r in rows if r["set"] == "harmful"]
-        benign = [r for r in rows if r["set"] == "benign"]
-        verdict = [r["verdicts"].get(judge) for r in harmful]
-        groups: dict[str, dict[str, list]] = {k: defaultdict(list) for k in (
-            "template", "template×category", "template×severity", "template×category×severity", "category",
-            "severity")}
-        for r, v in zip(harmful, verdict, strict=True):
-            t, c, s = r["template"], r.get("category") or "-", r.get("severity") or "-"
-            for key, label in (("template", t), ("template×category", f"{t} | {c}"),
-                               ("template×severity", f"{t} | {s}"), ("template×category×severity", f"{t} | {c} | {s}"),
-                               ("category", c), ("severity", s)):
-                groups[key][label].append(v)
-        refusal = rate(verdict)
-        by_template = {k: rate(v) for k, v in groups["template"].items()}
-        benign_by_template: dict[str, list] = defaultdict(list)
-        for r in benign:
-            benign_by_template[r["template"]].append(r["verdicts"].get(judge))
-        variants[name] = {
-            "sparsity": rows[0].get("sparsity"),
-            "refusal": refusal,
-            "attack_success": _flip(refusal),
-            "refusal_by": {key: {k: rate(v) for k, v in g.items()} for key, g in groups.items()},
-            "attack_success_by_template": {k: _flip(v) for k, v in by_template.items()},
-            "attack_success_by": {key: {k: _flip(rate(v)) for k, v in g.items()} for key, g in groups.items()},
-            "benign_over_refusal": rate([r["verdicts"].get(judge) for r in benign]) if benign else None,
-            "benign_over_refusal_by_template": {k: rate(v) for k, v in benign_by_template.items()},
-        }
-    comparisons = {}
-    base = {(r["set"], r["template"], r["task_id"]): r["verdicts"].get(judge) for r in by_variant[baseline]}
-    for name, rows in by_variant.items():
-        if name == baseline:
-            continue
-        paired = [(base[key], r["verdicts"].get(judge), r) for r in rows
-                  if (key := (r["set"], r["template"], r["task_id"])) in base]
-        entry: dict[str, Any] = {}
-        for subset_name in ("harmful", "benign"):
-            chosen = [(a, b, r) for a, b, r in paired if r["set"] == subset_name]
-            if not chosen:
-                continue
-            entry[subset_name] = mcnemar_exact([a for a, _, _ in chosen], [b for _, b, _ in chosen])
-            per_template: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
-            for a, b, r in chosen:
-                per_template[r["template"]][0].append(a)
-                per_template[r["template"]][1].append(b)
-            entry[f"{subset_name}_by_template"] = {t: mcnemar_exact(a, b) for t, (a, b) in per_template.items()}
-        comparisons[name] = entry
-    return {"judge": judge, "baseline": baseline, "variants": variants, "vs_baseline": comparisons}
-
-
-def compare_analyses(infos: dict[str, dict[str, Any]], baseline: str) -> dict[str, Any]:
-    """Paired dense-vs-variant shifts of the attention share (per template) and of prompt perplexity."""
-    base = infos.get(baseline, {}).get("analyses")
-    if not base:
-        return {}
-    out: dict[str, Any] = {}
-    for name, info in infos.items():
-        other = info.get("analyses")
-        if name == baseline or not other:
-            continue
-        result: dict[str, Any] = {"attention_share": {}, "prompt_perplexity": {}}
-        a = {(x["template"], x["task_id"]): x["share"] for x in base["attention"]}
-        b = {(x["template"], x["task_id"]): x["share"] for x in other["attention"]}
-        keys = [k for k in a if k in b]
-        result["attention_share"]["all"] = paired_difference([a[k] for k in keys], [b[k] for k in keys])
-        for template in dict.fromkeys(k[0] for k in keys):
-            ks = [k for k in keys if k[0] == template]
-            result["attention_share"][template] = paired_difference([a[k] for k in ks], [b[k] for k in ks])
-        pa = {(x["template"], x["task_id"]): x["perplexity"] for x in base["prompt_perplexity"]["templated"]}
-        pb = {(x["template"], x["task_id"]): x["perplexity"] for x in other["prompt_perplexity"]["templated"]}
-        ta, tb = base["prompt_perplexity"]["task_alone"], other["prompt_perplexity"]["task_alone"]
-        ids = [i for i in ta if i in tb]
-        result["prompt_perplexity"]["task_alone"] = paired_difference([ta[i] for i in ids], [tb[i] for i in ids])
-        for template in dict.fromkeys(k[0] for k in pa):
-            ks = [k for k in pa if k[0] == template and k in pb]
-            result["prompt_perplexity"][template] = paired_difference([pa[k] for k in ks], [pb[k] for k in ks])
-        out[name] = result
-    return out
-
-
-def analysis_tables(infos: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per variant: mean attention share per template (+ per layer), median prompt perplexity per template."""
-    import statistics
-
-    tables: dict[str, Any] = {}
-    for name, info in infos.items():
-        analyses = info.get("analyses")
-        if not analyses:
-            continue
-        share: dict[str, list[float]] = defaultdict(list)
-        layers: dict[str, list[list[float]]] = defaultdict(list)
-        for x in analyses["attention"]:
-            share[x["template"]].append(x["share"])
-            layers[x["template"]].append(x["per_layer"])
-        ppl: dict[str, list[float]] = defaultdict(list)
-        for x in analyses["prompt_perplexity"]["templated"]:
-            ppl[x["template"]].append(x["perplexity"])
-        alone = list(analyses["prompt_perplexity"]["task_alone"].values())
-        tables[name] = {
-            "attention_share_mean": {t: statistics.fmean(v) for t, v in share.items()},
-            "attention_share_per_layer": {t: [statistics.fmean(c) for c in zip(*v, strict=True)]
-                                          for t, v in layers.items()},
-            "prompt_perplexity_median": {"task_alone": statistics.median(alone),
-                                         **{t: statistics.median(v) for t, v in ppl.items()}},
-        }
-    return tables
-
-
-# --------------------------------------------------------------------------------------------------
-# plot and report section
-
-
-def plot_refusal(summary: dict[str, Any], path: Path, title: str = "") -> Path:
-    """Refusal rate vs sparsity, one line per template, Wilson 95 % intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = sorted(summary["variants"].items(), key=lambda kv: kv[1]["sparsity"] or 0.0)
-    templates = list(dict.fromkeys(t for _, v in variants for t in v["refusal_by"]["template"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    span = max((100 * (v["sparsity"] or 0.0) for _, v in variants), default=0.0) or 10.0
-    for index, template in enumerate(templates):
-        dodge = (index - (len(templates) - 1) / 2) * span / 150  # keep overlapping error bars apart
-        xs, ys, lo, hi = [], [], [], []
-        for _, v in variants:
-            r = v["refusal_by"]["template"].get(template)
-            if r is None or r["rate"] is None:
-                continue
-            xs.append(100 * (v["sparsity"] or 0.0) + dodge)
-            ys.append(r["rate"])
-            below, above = error_bar(r)
-            lo.append(below)
-            hi.append(above)
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=template)
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel(f"refusal rate ({summary['judge']} judge)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title or "refusal rate vs sparsity (95 % Wilson intervals)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _fmt_rate(r: dict[str, Any] | None) -> str:
-    if not r or r["rate"] is None:
-        return "–"
-    return f"{100 * r['rate']:.1f} % [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}] (n={r['n']})"
-
-
-def _fmt_speed(gen: dict[str, Any] | None) -> str:
-    speed = (gen or {}).get("prompts_per_s")
-    return "–" if speed is None else f"{speed:.2f}"
-
-
-def report_section(results: dict[str, Any], plot_name: str = "refusal_vs_sparsity.png") -> str:
-    """Markdown: refusal per template and variant, over-refusal, McNemar p-values, throughput."""
-    summary = results["summary"]
-    names = list(summary["variants"])
-    lines = [f"## Jailbreak resistance: {results['config']['model']}", "",
-             f"Judge: {summary['judge']}; baseline: {summary['baseline']}; max new tokens "
-             f"{results['config']['max_new_tokens']}; {results['counts']['tasks']} tasks × "
-             f"{len(results['counts']['templates'])} templates. Refusal rate with Wilson 95 % interval.", "",
-             "| template | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    templates = list(dict.fromkeys(t for v in summary["variants"].values() for t in v["refusal_by"]["template"]))
-    for t in templates:
-        lines.append(f"| {t} | " + " | ".join(_fmt_rate(summary["variants"][n]["refusal_by"]["template"].get(t))
-                                             for n in names) + " |")
-    lines.append("| **all** | " + " | ".join(_fmt_rate(summary["variants"][n]["refusal"]) for n in names) + " |")
-    lines.append("| benign over-refusal | " + " | ".join(
-        _fmt_rate(summary["variants"][n]["benign_over_refusal"]) for n in names) + " |")
-    lines.append("| prompts/s | " + " | ".join(
-        _fmt_speed(results["variants"].get(n, {}).get("generation")) for n in names) + " |")
-    lines += ["", "McNemar exact test vs the baseline (harmful prompts; gained = newly refused, lost = no longer):", ""]
-    for name, c in summary["vs_baseline"].items():
-        h = c.get("harmful")
-        if h:
-            lines.append(f"- {name}: +{h['gained']} / −{h['lost']} of {h['n']}, difference "
-                         f"{100 * h['difference']:+.1f} points, p = {h['p_value']:.3g}")
-    lines += ["", f"![refusal rate vs sparsity]({plot_name})", ""]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# the study
-
-
 def _load(spec: str, log: Log) -> Any:
     from prunekit.models import load_model
 
@@ -475,101 +267,6 @@ def run_identity(config: SafetyConfig, templates: Sequence[Template], judges: Se
     identity["templates"] = {t.name: hashlib.sha256(t.text.encode()).hexdigest()[:16] for t in templates}
     identity["judges"] = [j.name for j in judges] + ([f"chat:{config.judge_model}"] if config.judge_model else [])
     return identity
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return ",".join(value) or "none"
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "none"
-    return repr(value)
-
-
-def prepare_run_dir(out_dir: str | Path, identity: dict[str, Any], overwrite: bool) -> tuple[Path, bool]:
-    """Create, continue or (with `overwrite`) restart the run folder; returns it and whether it resumes.
-
-    A folder holding a run of another definition is refused with one line naming the first difference; a
-    folder prunekit did not write is refused as everywhere (`check_output_dir`).
-    """
-    out = Path(out_dir).expanduser()
-    state_file = out / RUN_FILE
-    if out.is_dir() and not overwrite and state_file.is_file():
-        try:
-            stored = json.loads(state_file.read_text(encoding="utf-8"))["identity"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise PrunekitError(f"{state_file} is unreadable ({type(error).__name__}); pass --overwrite to start "
-                                "the run again") from error
-        for key in ("model", "reference", "templates", "sparsities", "judges", *IDENTITY_FIELDS):
-            if stored.get(key) != identity.get(key):
-                flag = {"model": "MODEL", "judges": "judge (--judge-model)", "tasks": "--tasks file",
-                        "stop_early": "--stop-early/--no-stop-early"}.get(key, f"--{key.replace('_', '-')}")
-                raise PrunekitError(
-                    f"{out} holds a run with a different {flag} ({_describe(stored.get(key))}, now "
-                    f"{_describe(identity.get(key))}); rerun with the same options to continue it, or pass "
-                    "--overwrite to start again")
-        return out, True
-    if out.is_dir() and not overwrite and not any(out.iterdir()):
-        pass  # an empty folder: start in it
-    else:
-        check_output_dir(out, overwrite)
-        if out.exists():
-            remove_own_dir(out)  # check_output_dir allowed it: prunekit wrote it (or it is empty)
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "safety")  # first, so that --overwrite recognises an interrupted run as prunekit's
-    atomic_write_json(out / RUN_FILE, {"identity": identity, "state": "running"}, indent=1)
-    return out, False
-
-
-def _mark(out: Path, state: str, extra: dict[str, Any] | None = None) -> None:
-    record = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-    record.update(state=state, **(extra or {}))
-    atomic_write_json(out / RUN_FILE, record, indent=1)
-
-
-def save_pruned(dense: torch.nn.Module, pruned: torch.nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Store what pruning changed: the zero mask of each layer (bit-packed) when pruning only zeroed weights
-    (Wanda), the whole weight otherwise; `load_pruned` rebuilds the variant from the dense model exactly."""
-    import numpy as np
-
-    dense_params = dict(dense.named_parameters())
-    tensors: dict[str, torch.Tensor] = {}
-    for name, weight in pruned.named_parameters():
-        base = dense_params[name]
-        if torch.equal(weight, base):
-            continue
-        zero = weight == 0
-        if torch.equal(base.masked_fill(zero, 0), weight):
-            bits = np.packbits(zero.detach().cpu().numpy().reshape(-1))
-            tensors[f"mask::{name}"] = torch.from_numpy(bits)
-        else:
-            tensors[f"weight::{name}"] = weight.detach().cpu()
-    atomic_save_tensors(tensors, path, metadata={"prunekit": json.dumps(meta, default=str)})
-
-
-def load_pruned(dense: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """A copy of `dense` with a saved variant's masks (or weights) applied."""
-    import numpy as np
-    from safetensors.torch import load_file
-
-    pruned = copy.deepcopy(dense)
-    params = dict(pruned.named_parameters())
-    with torch.no_grad():
-        for key, tensor in load_file(str(path)).items():
-            kind, name = key.split("::", 1)
-            if name not in params:
-                raise PrunekitError(f"{path} does not fit the model (no parameter {name}); pass --overwrite")
-            target = params[name]
-            if kind == "weight":
-                target.copy_(tensor.to(target.dtype))
-            else:
-                bits = np.unpackbits(tensor.numpy())[: target.numel()]
-                mask = torch.from_numpy(bits.astype(bool)).reshape(target.shape).to(target.device)
-                target.masked_fill_(mask, 0)
-    return pruned
-
-
-# --------------------------------------------------------------------------------------------------
-# the study
 
 
 def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = False, log: Log = print,
@@ -763,7 +460,7 @@ def finish_run(out: Path, config: SafetyConfig, templates: Sequence[Template], t
     if problems:
         results["problems"] = problems
         atomic_write_json(out / "results.json", results, indent=1)
-    _mark(out, "complete" if results["counts"]["complete"] else "partial",
+    mark_state(out, "complete" if results["counts"]["complete"] else "partial",
           {"answers": len(records), "expected_answers": expected * len(names)})
     return results
 
@@ -821,26 +518,3 @@ def parse_list(text: str | None, flag: str, kind: type) -> list[Any]:
             raise PrunekitError(f"{flag} item {part.strip()!r} is not a {kind.__name__}") from error
     return items
 
-
-def format_summary(results: dict[str, Any]) -> str:
-    """A terminal summary: rates and p-values only, never a prompt or an answer."""
-    summary = results["summary"]
-    counts = results["counts"]
-    lines = [f"refusal rate ({summary['judge']} judge, 95 % Wilson interval), {counts['tasks']} tasks:"]
-    if not counts.get("complete", True):
-        lines.insert(0, f"partial run: {counts['answers']} of {counts['expected_answers']} answers; run the same "
-                        "command again to continue")
-    for name, v in summary["variants"].items():
-        gen = results["variants"].get(name, {}).get("generation")
-        line = f"  {name:<14} sparsity {v['sparsity'] or 0:.3f}  harmful {_fmt_rate(v['refusal'])}"
-        if v["benign_over_refusal"]:
-            line += f"  benign over-refusal {_fmt_rate(v['benign_over_refusal'])}"
-        lines.append(line + f"  {_fmt_speed(gen)} prompts/s")
-        for template, r in v["refusal_by"]["template"].items():
-            lines.append(f"      {template:<12} {_fmt_rate(r)}")
-    for name, c in summary["vs_baseline"].items():
-        h = c.get("harmful")
-        if h:
-            lines.append(f"  McNemar {name} vs {summary['baseline']}: +{h['gained']}/-{h['lost']} of {h['n']}, "
-                         f"p = {h['p_value']:.3g}")
-    return "\n".join(lines)

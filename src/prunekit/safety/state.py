@@ -1,0 +1,116 @@
+"""A study folder as the run's state: its identity (what a rerun must share to continue), its progress
+marker, and the pruned variants stored once as bit-packed zero masks so that a rerun rebuilds them exactly
+instead of pruning again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.errors import PrunekitError
+from prunekit.files import atomic_save_tensors, atomic_write_json, check_output_dir, remove_own_dir, write_marker
+
+RUN_FILE = "run.json"
+#: What defines a run's answers: a rerun must match on these (batch size, device, analyses may change).
+IDENTITY_FIELDS = ("model", "reference", "tasks", "benign", "sparsities", "method", "layers", "limit",
+                   "max_new_tokens", "prompt_format", "calib", "nsamples", "seqlen", "seed", "stop_early")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(value) or "none"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return repr(value)
+
+
+def prepare_run_dir(out_dir: str | Path, identity: dict[str, Any], overwrite: bool) -> tuple[Path, bool]:
+    """Create, continue or (with `overwrite`) restart the run folder; returns it and whether it resumes.
+
+    A folder holding a run of another definition is refused with one line naming the first difference; a
+    folder prunekit did not write is refused as everywhere (`check_output_dir`).
+    """
+    out = Path(out_dir).expanduser()
+    state_file = out / RUN_FILE
+    if out.is_dir() and not overwrite and state_file.is_file():
+        try:
+            stored = json.loads(state_file.read_text(encoding="utf-8"))["identity"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise PrunekitError(f"{state_file} is unreadable ({type(error).__name__}); pass --overwrite to start "
+                                "the run again") from error
+        for key in ("model", "reference", "templates", "sparsities", "judges", *IDENTITY_FIELDS):
+            if stored.get(key) != identity.get(key):
+                flag = {"model": "MODEL", "judges": "judge (--judge-model)", "tasks": "--tasks file",
+                        "stop_early": "--stop-early/--no-stop-early"}.get(key, f"--{key.replace('_', '-')}")
+                raise PrunekitError(
+                    f"{out} holds a run with a different {flag} ({_describe(stored.get(key))}, now "
+                    f"{_describe(identity.get(key))}); rerun with the same options to continue it, or pass "
+                    "--overwrite to start again")
+        return out, True
+    if out.is_dir() and not overwrite and not any(out.iterdir()):
+        pass  # an empty folder: start in it
+    else:
+        check_output_dir(out, overwrite)
+        if out.exists():
+            remove_own_dir(out)  # check_output_dir allowed it: prunekit wrote it (or it is empty)
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "safety")  # first, so that --overwrite recognises an interrupted run as prunekit's
+    atomic_write_json(out / RUN_FILE, {"identity": identity, "state": "running"}, indent=1)
+    return out, False
+
+
+def mark_state(out: Path, state: str, extra: dict[str, Any] | None = None) -> None:
+    record = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    record.update(state=state, **(extra or {}))
+    atomic_write_json(out / RUN_FILE, record, indent=1)
+
+
+def save_pruned(dense: torch.nn.Module, pruned: torch.nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Store what pruning changed: the zero mask of each layer (bit-packed) when pruning only zeroed weights
+    (Wanda), the whole weight otherwise; `load_pruned` rebuilds the variant from the dense model exactly."""
+    import numpy as np
+
+    dense_params = dict(dense.named_parameters())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, weight in pruned.named_parameters():
+        base = dense_params[name]
+        if torch.equal(weight, base):
+            continue
+        zero = weight == 0
+        if torch.equal(base.masked_fill(zero, 0), weight):
+            bits = np.packbits(zero.detach().cpu().numpy().reshape(-1))
+            tensors[f"mask::{name}"] = torch.from_numpy(bits)
+        else:
+            tensors[f"weight::{name}"] = weight.detach().cpu()
+    atomic_save_tensors(tensors, path, metadata={"prunekit": json.dumps(meta, default=str)})
+
+
+def load_pruned(dense: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """A copy of `dense` with a saved variant's masks (or weights) applied."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    pruned = copy.deepcopy(dense)
+    params = dict(pruned.named_parameters())
+    with torch.no_grad():
+        for key, tensor in load_file(str(path)).items():
+            kind, name = key.split("::", 1)
+            if name not in params:
+                raise PrunekitError(f"{path} does not fit the model (no parameter {name}); pass --overwrite")
+            target = params[name]
+            if kind == "weight":
+                target.copy_(tensor.to(target.dtype))
+            else:
+                bits = np.unpackbits(tensor.numpy())[: target.numel()]
+                mask = torch.from_numpy(bits.astype(bool)).reshape(target.shape).to(target.device)
+                target.masked_fill_(mask, 0)
+    return pruned
+
+
+# --------------------------------------------------------------------------------------------------
+# the study
