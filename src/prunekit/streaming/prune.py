@@ -384,7 +384,8 @@ def _announce(request, checkpoint, source, calibrations, memory, out_dtype, acti
 
     ids = next(iter(calibrations.values()))
     with source.stem():
-        calls = capture_block_calls(source.model, source.adapter.blocks(), ids.shape[1], source.device)
+        calls = capture_block_calls(source.model, source.adapter.blocks(), ids.shape[1], source.device,
+                                    source.adapter.block_returns_tuple)
     probe = probe_block_seconds(source, calls, ids, request.batch_size)
     batches = -(-ids.shape[0] // request.batch_size)
     forwards = 1.0 if structured or request.propagate == "dense" else 2.0
