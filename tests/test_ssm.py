@@ -193,3 +193,156 @@ def test_bad_ssm_parts_and_unsupported_layers(capsys, tmp_path, calib):
     hybrid.model.layers[1].block_type = "moe_attention"
     with pytest.raises(PrunekitError, match=r"layer 1 is of type 'moe_attention'.*supported layer types"):
         prunekit.prune(hybrid, method="magnitude", progress=False)
+
+
+# -- structured --------------------------------------------------------------------------------------------
+
+
+def _mixer(family: str, block):
+    if family == "bamba":
+        return block.mamba if block.block_type == "linear_attention" else None
+    return block.mixer
+
+
+@torch.no_grad()
+def _masked(dense, family: str, plan):
+    """The dense model with what the plan removes zeroed (and merged B/C groups averaged), written out."""
+    model = copy.deepcopy(dense)
+    for block, layer in zip(_blocks(model), plan.layers, strict=True):
+        mixer = _mixer(family, block)
+        if layer is None:
+            continue
+        w, cw = mixer.in_proj.weight, mixer.conv1d.weight
+        cb = mixer.conv1d.bias
+        if family == "mamba":
+            inner, n, rank = mixer.in_proj.out_features // 2, mixer.A_log.shape[1], mixer.dt_proj.in_features
+            groups = 1
+        else:
+            inner, n, groups = mixer.out_proj.in_features, mixer.ssm_state_size, mixer.n_groups
+        for c in set(range(inner)) - set(layer.channels):
+            w[c] = 0
+            w[inner + c] = 0
+            cw[c] = 0
+            if cb is not None:
+                cb[c] = 0
+            if mixer.in_proj.bias is not None:
+                mixer.in_proj.bias[c] = 0
+                mixer.in_proj.bias[inner + c] = 0
+        for g in range(groups):
+            for s in set(range(n)) - set(layer.states[g]):
+                if family == "mamba":
+                    mixer.x_proj.weight[rank + s] = 0
+                    mixer.x_proj.weight[rank + n + s] = 0
+                    continue
+                for row, channel in ((2 * inner + g * n + s, inner + g * n + s),
+                                     (2 * inner + (groups + g) * n + s, inner + (groups + g) * n + s)):
+                    w[row] = 0
+                    cw[channel] = 0
+                    if cb is not None:
+                        cb[channel] = 0
+        if layer.merge > 1:
+            for part in range(2):  # B, then C
+                for first in range(0, groups, layer.merge):
+                    rows = [2 * inner + (part * groups + g) * n + s for g in range(first, first + layer.merge)
+                            for s in range(n)]
+                    channels = [r - inner for r in rows]
+                    for tensor, index in ((w, rows), (cw, channels), (cb, channels)):
+                        if tensor is None:
+                            continue
+                        block_ = tensor[index].reshape(layer.merge, n, *tensor.shape[1:])
+                        tensor[index] = block_.mean(0).repeat(layer.merge, *([1] * (tensor.dim() - 1)))
+    return model
+
+
+STRUCTURED = [("ssm-state", 0.25), ("ssm-headdim", 0.25), ("ssm-headmerge", 0.5), ("flap", 0.25)]
+
+
+@pytest.mark.parametrize("family", SSM_FAMILIES)
+@pytest.mark.parametrize("method,ratio", STRUCTURED)
+def test_shrunk_logits_equal_the_masked_dense_model(family, method, ratio):
+    if family == "mamba" and method == "ssm-headmerge":
+        pytest.skip("Mamba-1 has one B/C head")
+    dense = build_ssm(family)
+    model = copy.deepcopy(dense)
+    ids = random_ids(4, 32)
+    options = {"compensate": False} if method == "flap" else {}
+    report = prunekit.prune(model, method=method, sparsity=ratio, calibration=ids, progress=False,
+                            method_options=options)
+    plan = report.plans["model"]
+    assert report.params_after == report.params_before - plan.removed_params
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert 0 < plan.achieved < 1
+    masked = _masked(dense, family, plan)
+    torch.testing.assert_close(_logits(model, ids), _logits(masked, ids), rtol=1e-4, atol=2e-5)
+    for block, layer in zip(_blocks(model), plan.layers, strict=True):
+        if layer is None:
+            continue
+        mixer = _mixer(family, block)
+        if method == "ssm-state":
+            assert mixer.ssm_state_size == 6 and all(len(s) == 6 for s in layer.states)
+        elif method == "ssm-headdim":
+            assert mixer.out_proj.in_features == 96
+        elif method == "ssm-headmerge":
+            assert mixer.n_groups == 1
+        else:
+            assert mixer.out_proj.in_features < 128
+
+
+def test_ssm_flap_compensates_into_an_existing_bias():
+    dense = build_ssm("mamba2", bias=True)
+    model = copy.deepcopy(dense)
+    ids = random_ids(4, 32)
+    report = prunekit.prune(model, method="flap", sparsity=0.25, calibration=ids, progress=False,
+                            method_options={"structure": "UL-UM"})
+    means = []  # out_proj's input mean over the calibration tokens of the dense model, by hand
+    handles = [block.mixer.out_proj.register_forward_pre_hook(
+        lambda _m, inputs: means.append(inputs[0].reshape(-1, inputs[0].shape[-1]).double().mean(0)))
+        for block in dense.backbone.layers]
+    _logits(dense, ids)
+    for handle in handles:
+        handle.remove()
+    for block, dense_block, layer, mean in zip(model.backbone.layers, dense.backbone.layers,
+                                               report.plans["model"].layers, means, strict=True):
+        removed = sorted(set(range(128)) - set(layer.channels))
+        assert len(layer.heads) == 6  # UL: 25 % of 8 heads, one per B/C group
+        weight = dense_block.mixer.out_proj.weight.double()
+        expected = dense_block.mixer.out_proj.bias.double() + weight[:, removed] @ mean[removed]
+        torch.testing.assert_close(block.mixer.out_proj.bias.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,method,ratio", [("mamba2", "flap", 0.25), ("bamba", "ssm-state", 0.25),
+                                                 ("mamba", "ssm-headdim", 0.25)])
+def test_structured_streamed_saves_a_smaller_model_that_reloads(capsys, tmp_path, calib, family, method, ratio):
+    folder = _save(tmp_path / "model", family)
+    for name, extra in (("s", ()), ("m", ("--no-stream",))):
+        code, _, err = run(capsys, *_prune_args(folder, tmp_path / name, calib, "--method", method,
+                                                "--sparsity", str(ratio), *extra))
+        assert code == 0, err
+    ids = torch.randint(0, 200, (2, 24))
+    streamed, in_memory = prunekit.load(tmp_path / "s").model, prunekit.load(tmp_path / "m").model
+    torch.testing.assert_close(_logits(streamed, ids), _logits(in_memory, ids), rtol=1e-5, atol=1e-6)
+    manifest = json.loads((tmp_path / "s" / "prunekit.json").read_text())
+    params = sum(p.numel() for p in streamed.parameters())
+    assert manifest["structured"]["params_after"] == params < manifest["structured"]["params_before"]
+    size = sum(p.stat().st_size for p in (tmp_path / "s").glob("*.safetensors"))
+    assert size < sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def test_structured_bad_input(capsys, tmp_path, calib):
+    folder = _save(tmp_path / "model", "mamba2")
+    code, _, err = run(capsys, *_prune_args(folder, tmp_path / "o", calib, "--method", "ssm-state",
+                                            "--sparsity", "0.95"))
+    assert_one_line_error(code, err, "ssm-state at 0.95 would remove all 8 SSM states of layer 0")
+    code, _, err = run(capsys, *_prune_args(folder, tmp_path / "o", calib, "--method", "flap", "--sparsity", "0.95",
+                                            "--option", "structure=UL-UM"))
+    assert_one_line_error(code, err, "would remove all 4 head units of layer 0")
+    code, _, err = run(capsys, *_prune_args(folder, tmp_path / "o", calib, "--method", "wanda-sp"))
+    assert_one_line_error(code, err, "method wanda-sp does not apply to state-space (SSM) layers of mamba2; "
+                                     "structured methods that do: flap, ssm-headdim, ssm-headmerge, ssm-state")
+    code, _, err = run(capsys, *_prune_args(folder, tmp_path / "o", calib, "--method", "ssm-headmerge",
+                                            "--sparsity", "0.2"))
+    assert_one_line_error(code, err, "accepted ratios: 0.5")
+    with pytest.raises(PrunekitError, match="method ssm-headdim prunes state-space"):
+        prunekit.prune(build("llama"), method="ssm-headdim", sparsity=0.2, calibration=random_ids(2, 16),
+                       progress=False)
+    assert not (tmp_path / "o").exists()

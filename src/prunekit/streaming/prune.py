@@ -153,7 +153,11 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
         from prunekit.structured.layout import get_structure
 
         check_structured_request(pruner, request.pattern, request.overrides, request.skip)
+        from prunekit.pruning.target import check_sparsity
+        from prunekit.structured.method import check_applies
+
         structure = get_structure(model)
+        check_applies(pruner, structure, check_sparsity(request.sparsity))
         plan = None
     else:
         plan = build_plan(request.sparsity, request.pattern, request.overrides, request.skip,

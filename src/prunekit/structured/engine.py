@@ -23,6 +23,7 @@ from prunekit.errors import PrunekitError
 from prunekit.pruning.target import check_sparsity
 from prunekit.structured.collect import StructuredObserver
 from prunekit.structured.layout import get_structure
+from prunekit.structured.method import check_applies
 from prunekit.structured.shrink import SPEC_KEY, StructurePlan, apply_block, apply_plan, layer_spec, structure_spec
 
 if TYPE_CHECKING:  # the method module imports prunekit.methods, which imports this package
@@ -59,7 +60,8 @@ class StructuredReport:
 
     def plan_dict(self, name: str) -> dict[str, Any]:
         plan = self.plans[name]
-        layers = [{"heads": len(layer.heads), "kv_heads": len(layer.kv_heads), "channels": len(layer.channels),
+        layers = [None if layer is None else layer.summary() if hasattr(layer, "summary") else
+                  {"heads": len(layer.heads), "kv_heads": len(layer.kv_heads), "channels": len(layer.channels),
                    "sparsity": round(layer.removed_params / layer.total_params, 4)} for layer in plan.layers]
         return {"target": plan.target, "achieved": plan.achieved, "removed_params": plan.removed_params,
                 "prunable_params": plan.total_params, **plan.info, "layers": layers}
@@ -95,8 +97,15 @@ class StructuredProgram:
 
     def passes(self):
         collected = {}
+        ssm = getattr(self.structure, "ssm", False)
         for name, ids in (self.calibrations or {"weights": None}).items():
-            collect = CollectPass(StructuredObserver(self.structure, needs_data=ids is not None), calibration=ids)
+            if ssm:
+                from prunekit.structured.ssm_plan import SsmObserver
+
+                observer = SsmObserver(self.structure, needs_data=ids is not None)
+            else:
+                observer = StructuredObserver(self.structure, needs_data=ids is not None)
+            collect = CollectPass(observer, calibration=ids)
             yield collect
             collected[name] = collect.result
         self.plans, self.applied = self.method.plans(self.structure, collected, self.sparsity)
@@ -107,6 +116,8 @@ class StructuredProgram:
             plan = self.plans[name]
 
             def shrink(index: int, block: nn.Module, plan: StructurePlan = plan) -> dict[str, Any]:
+                if ssm:
+                    return self.structure.apply(block, plan.layers[index], index)
                 apply_block(self.structure, block, plan.layers[index], index)
                 return layer_spec(self.structure, block)
 
@@ -144,6 +155,7 @@ def prune_structured(model: nn.Module, method: StructuredMethod, *, sparsity: fl
     check_structured_request(method, pattern, overrides, skip)
     sparsity = check_sparsity(sparsity)
     structure = get_structure(model)
+    check_applies(method, structure, sparsity)
     params_before = count_parameters(model)
     t0 = time.perf_counter()
     calibrations, provenance = structured_calibrations(method, lambda source: prepare_calibration(
