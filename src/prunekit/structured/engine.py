@@ -23,7 +23,6 @@ from prunekit.errors import PrunekitError
 from prunekit.pruning.target import check_sparsity
 from prunekit.structured.collect import StructuredObserver
 from prunekit.structured.layout import get_structure
-from prunekit.structured.method import check_applies
 from prunekit.structured.shrink import SPEC_KEY, StructurePlan, apply_block, apply_plan, layer_spec, structure_spec
 
 if TYPE_CHECKING:  # the method module imports prunekit.methods, which imports this package
@@ -155,6 +154,8 @@ def prune_structured(model: nn.Module, method: StructuredMethod, *, sparsity: fl
     check_structured_request(method, pattern, overrides, skip)
     sparsity = check_sparsity(sparsity)
     structure = get_structure(model)
+    from prunekit.structured.method import check_applies  # not at import time: methods import this package
+
     check_applies(method, structure, sparsity)
     params_before = count_parameters(model)
     t0 = time.perf_counter()
