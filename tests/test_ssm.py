@@ -76,6 +76,17 @@ def test_exact_sparsity_on_the_chosen_parts(family, method):
             assert torch.equal(param, dense.get_parameter(name)), name
 
 
+@pytest.mark.parametrize("family", ["mamba", "bamba"])
+@pytest.mark.parametrize("method", ["ria", "alps"])
+def test_second_generation_methods_on_ssm_linears(family, method):
+    model = build_ssm(family)
+    report = prunekit.prune(model, method=method, sparsity=0.5, calibration=random_ids(4, 32), progress=False,
+                            method_options={"ssm_parts": "all"})
+    assert report.overall_sparsity == pytest.approx(0.5, abs=1e-9)
+    for record in report.engine.layers:
+        assert int((model.get_submodule(record.name).weight == 0).sum()) == record.pruned == record.numel // 2
+
+
 PARTS_NAMES = {"mamba": ("in_proj", "x_proj", "dt_proj", "out_proj"), "mamba2": ("in_proj", "out_proj"),
                "bamba": ("in_proj", "out_proj")}
 

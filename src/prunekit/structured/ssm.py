@@ -122,7 +122,6 @@ class SsmStructure:
         self.model = model
         self.adapter = get_adapter(model)
         self.kind = "mamba" if self.adapter.family == "mamba" else "mamba2"
-        self.head_dim = None  # per layer (see layout)
 
     def blocks(self) -> nn.ModuleList:
         return self.adapter.blocks()
