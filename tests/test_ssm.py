@@ -353,6 +353,9 @@ def test_structured_bad_input(capsys, tmp_path, calib):
     code, _, err = run(capsys, *_prune_args(folder, tmp_path / "o", calib, "--method", "ssm-headmerge",
                                             "--sparsity", "0.2"))
     assert_one_line_error(code, err, "accepted ratios: 0.5")
+    code, _, err = run(capsys, *_prune_args(folder, tmp_path / "o", calib, "--method", "flap", "--option",
+                                            "ssm_parts=all"))
+    assert_one_line_error(code, err, "structured method flap removes whole states, channels or heads")
     with pytest.raises(PrunekitError, match="method ssm-headdim prunes state-space"):
         prunekit.prune(build("llama"), method="ssm-headdim", sparsity=0.2, calibration=random_ids(2, 16),
                        progress=False)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import Adapter, get_adapter, weight_matrix
-from prunekit.adapters.ssm import resolved_parts, split_ssm_parts, ssm_skip_globs
+from prunekit.adapters.ssm import check_structured_parts, resolved_parts, split_ssm_parts, ssm_skip_globs
 from prunekit.checks import check_device, check_positive
 from prunekit.engine import Engine, EngineOptions, EngineResult, InMemoryBlocks
 from prunekit.errors import PrunekitError
@@ -177,6 +177,8 @@ def prune(
     pruner = build_method(method, method_options, refine=refine)  # refine: e.g. "dsnot" after the method
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
+
+        check_structured_parts(ssm_parts, pruner.name)
 
         return prune_structured(model, pruner, sparsity=sparsity, pattern=pattern, calibration=calibration,
                                 tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,

@@ -58,3 +58,10 @@ def resolved_parts(adapter, parts: list[str] | None) -> list[str] | None:
     if parts is None:
         return list(DEFAULT_PARTS)
     return available if parts == ["all"] else list(parts)
+
+
+def check_structured_parts(parts: list[str] | None, method: str) -> None:
+    """`ssm_parts` chooses linears for per-layer masks; a structured method removes whole pieces instead."""
+    if parts is not None:
+        raise PrunekitError(f"--option {OPTION} selects the SSM linears of unstructured methods; structured method "
+                            f"{method} removes whole states, channels or heads (drop the option)")

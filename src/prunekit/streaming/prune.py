@@ -115,7 +115,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     """
     from prunekit import __version__
     from prunekit.adapters import get_adapter
-    from prunekit.adapters.ssm import split_ssm_parts, ssm_skip_globs
+    from prunekit.adapters.ssm import check_structured_parts, split_ssm_parts, ssm_skip_globs
     from prunekit.api import build_plan, build_program, check_fits, peak_memory, versions
     from prunekit.checks import check_device, check_positive
     from prunekit.distributed import agree, backend_name, check_rows
@@ -156,6 +156,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
         from prunekit.pruning.target import check_sparsity
         from prunekit.structured.method import check_applies
 
+        check_structured_parts(ssm_parts, pruner.name)
         structure = get_structure(model)
         check_applies(pruner, structure, check_sparsity(request.sparsity))
         plan = None
