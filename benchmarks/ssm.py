@@ -11,8 +11,9 @@ Protocol (stated in the JSON):
     saved, reloaded with prunekit.load (logits checked against the in-memory model) and evaluated reloaded;
   * perplexity on sotu/test.txt (2000-2021, held out; the models trained on 1790-1979 and Brown) under the
     pinned protocol: the first `--eval-windows` non-overlapping windows of 256 tokens, no BOS;
-  * parameters (all, distinct) and nonzero ones, safetensors bytes of the saved structured models; prefill time
-    of one 1 x 256 forward, median of 5, dense and pruned interleaved in the same process (1 thread).
+  * parameters (all, distinct) and nonzero ones, safetensors bytes of the saved structured models; speed of the
+    structured models against dense (prunekit.evaluation.speed, as `prunekit speed`: interleaved, median of 3,
+    prefill of 256 tokens, greedy eager decode of 64 tokens after a 32-token prompt, 1 thread, CPU).
 
 Rows are appended to benchmarks/results/ssm.json as they finish; a rerun skips the finished ones.
 
@@ -26,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -79,16 +79,10 @@ def save_results(results: dict[str, Any]) -> None:
     atomic_write_json(RESULTS, results)
 
 
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        return time.perf_counter() - t0
-
-
-def run_model(name: str, results: dict[str, Any], eval_windows: int) -> None:
+def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str | None = None) -> None:
     import prunekit
     from prunekit.evaluation.perplexity import perplexity
+    from prunekit.evaluation.speed import measure_speed
     from prunekit.models import load_model
     from prunekit.models.cache import model_cache_dir
     from prunekit.structured.engine import count_parameters
@@ -105,7 +99,7 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int) -> None:
     probe = torch.tensor([tokenizer((SOTU / "test.txt").read_text()[:20000])["input_ids"][:SEQLEN]])
     for row, method, ratio, options in configs(name):
         key = f"{name}/{row}"
-        if key in results["rows"]:
+        if key in results["rows"] or (match and match not in row and row != "dense"):
             continue
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
@@ -128,12 +122,15 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int) -> None:
                                           rtol=1e-4, atol=1e-5)
                 entry["reload_equal"] = bool(same)
                 model = reloaded
-                times_dense, times_pruned = [], []
-                for _ in range(5):
-                    times_dense.append(prefill_seconds(dense, probe))
-                    times_pruned.append(prefill_seconds(model, probe))
-                entry["prefill_ms_dense"] = round(1000 * statistics.median(times_dense), 1)
-                entry["prefill_ms"] = round(1000 * statistics.median(times_pruned), 1)
+                speed = measure_speed({"dense": dense, "pruned": model}, probe, prompt_tokens=32, new_tokens=64,
+                                      repeats=3, runtimes=("eager",))
+                fast = speed.models["pruned"]
+                entry["speed"] = {"prefill_tok_s": round(fast.prefill_tok_s, 1),
+                                  "prefill_tok_s_dense": round(speed.models["dense"].prefill_tok_s, 1),
+                                  "prefill_speedup": round(fast.prefill_speedup, 3),
+                                  "decode_tok_s": round(fast.decode_tok_s["eager"], 1),
+                                  "decode_tok_s_dense": round(speed.models["dense"].decode_tok_s["eager"], 1),
+                                  "decode_speedup": round(fast.decode_speedup["eager"], 3)}
         entry["params"] = count_parameters(model)
         entry["nonzero"] = int(sum(int((p != 0).sum()) for p in {id(p): p for p in model.parameters()}.values()))
         result = perplexity(model, tokenizer, str(SOTU / "test.txt"), seqlen=SEQLEN, batch_size=8,
@@ -148,14 +145,16 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int) -> None:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| model | config | achieved | SOTU test ppl | params | nonzero | file KiB | prefill ms (dense) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | config | achieved | SOTU test ppl | params | nonzero | file KiB | prefill × | decode × |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for entry in results["rows"].values():
         size = f"{entry['file_bytes'] / 1024:.0f}" if "file_bytes" in entry else "–"
-        prefill = f"{entry['prefill_ms']} ({entry['prefill_ms_dense']})" if "prefill_ms" in entry else "–"
+        speed = entry.get("speed")
+        prefill = f"{speed['prefill_speedup']:.2f}" if speed else "–"
+        decode = f"{speed['decode_speedup']:.2f}" if speed else "–"
         lines.append(f"| {entry['model']} | {entry['config']} | {entry.get('achieved', 0):.3f} | "
                      f"{entry['ppl_sotu_test']:.2f} | {entry['params']:,} | {entry['nonzero']:,} | {size} | "
-                     f"{prefill} |")
+                     f"{prefill} | {decode} |")
     return "\n".join(lines)
 
 
@@ -165,6 +164,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--only", choices=MODELS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--match", help="only the configurations whose name contains this (and dense)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file of the rows (default: %(default)s)")
     args = parser.parse_args()
@@ -174,7 +174,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         results["eval_windows"], results["threads"] = args.eval_windows, args.threads
         for name in [args.only] if args.only else MODELS:
-            run_model(name, results, args.eval_windows)
+            run_model(name, results, args.eval_windows, args.match)
     print(table(results))
 
 
