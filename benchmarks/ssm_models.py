@@ -7,7 +7,7 @@ parameters of models this small). Models:
 
     mamba    MambaForCausalLM   hidden 128, 4 layers, expand 2, state 16, dt rank 8
     mamba2   Mamba2ForCausalLM  hidden 128, 4 layers, expand 2, 8 heads x 32, 4 B/C groups, state 16
-    llama    LlamaForCausalLM   hidden 128, 4 layers, 4 heads (2 KV), MLP 320   (about the same block size)
+    llama    LlamaForCausalLM   hidden 128, 4 layers, 4 heads (2 KV), MLP 176   (the same block parameters, ~470 k)
 
 Training: AdamW (lr 3e-3, warm-up 20 steps, cosine to 10 %), batch 16 x 128 tokens drawn at seeded offsets
 (the windows of step k depend only on the seed and k), fp32, tied embeddings. A checkpoint (model + optimizer
@@ -99,7 +99,7 @@ def build(name: str, seed: int = 0):
         return Mamba2ForCausalLM(Mamba2Config(**common, num_heads=8, head_dim=32, expand=2, n_groups=4, state_size=16,
                                               conv_kernel=4, chunk_size=64))
     if name == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common, intermediate_size=320, num_attention_heads=4,
+        return LlamaForCausalLM(LlamaConfig(**common, intermediate_size=176, num_attention_heads=4,
                                             num_key_value_heads=2, max_position_embeddings=1024))
     raise SystemExit(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
 
