@@ -20,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: the SSM linears of each family, relative to a block
 PARTS = {"mamba": ("mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj"),
+         "falcon_mamba": ("mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj"),
          "mamba2": ("mixer.in_proj", "mixer.out_proj"), "bamba": ("mamba.in_proj", "mamba.out_proj")}
 BAMBA_DENSE = ("feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj")
 BAMBA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", *BAMBA_DENSE)
@@ -124,7 +125,7 @@ def _naive_wanda(model, family: str, ids: torch.Tensor, sparsity: float) -> None
                 weight.scatter_(1, lowest, 0.0)
 
 
-@pytest.mark.parametrize("family", SSM_FAMILIES)
+@pytest.mark.parametrize("family", [*SSM_FAMILIES, "falcon_mamba"])
 def test_wanda_masks_equal_a_naive_computation(family):
     model = build_ssm(family)
     naive = copy.deepcopy(model)

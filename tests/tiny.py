@@ -133,6 +133,11 @@ def build_ssm(family: str, vocab: int = VOCAB, seed: int = 0, *, n_groups: int =
     if family == "mamba":
         model = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=HIDDEN, state_size=8, expand=2,
                                              num_hidden_layers=layers, time_step_rank=8, use_bias=bias))
+    elif family == "falcon_mamba":
+        from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+        model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=vocab, hidden_size=HIDDEN, state_size=8, expand=2,
+                                                         num_hidden_layers=layers, time_step_rank=8, use_bias=bias))
     elif family == "mamba2":
         model = Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, hidden_size=HIDDEN, num_heads=8, head_dim=16, expand=2,
                                                n_groups=n_groups, state_size=8, num_hidden_layers=layers,
