@@ -158,6 +158,19 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def pivot(results: dict[str, Any]) -> str:
+    """SOTU-test perplexity by configuration (rows) and model (columns)."""
+    rows: dict[str, dict[str, float]] = {}
+    for entry in results["rows"].values():
+        rows.setdefault(entry["config"], {})[entry["model"]] = entry["ppl_sotu_test"]
+    models = [m for m in MODELS if any(m in r for r in rows.values())]
+    lines = ["| config | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for config, values in rows.items():
+        cells = [f"{values[m]:.2f}" if m in values else "–" for m in models]
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,6 +189,8 @@ def main() -> None:
         for name in [args.only] if args.only else MODELS:
             run_model(name, results, args.eval_windows, args.match)
     print(table(results))
+    print()
+    print(pivot(results))
 
 
 if __name__ == "__main__":
