@@ -13,7 +13,8 @@ Protocol (stated in the JSON):
     pinned protocol: the first `--eval-windows` non-overlapping windows of 256 tokens, no BOS;
   * parameters (all, distinct) and nonzero ones, safetensors bytes of the saved structured models; speed of the
     structured models against dense (prunekit.evaluation.speed, as `prunekit speed`: interleaved, median of 3,
-    prefill of 256 tokens, greedy eager decode of 64 tokens after a 32-token prompt, 1 thread, CPU).
+    prefill of 256 tokens, greedy eager decode of 32 new tokens after a 32-token prompt (64 in the first Mamba
+    rows; recorded per row), 1 thread, CPU; the machine was shared, so read ratios, not absolute speeds).
 
 Rows are appended to benchmarks/results/ssm.json as they finish; a rerun skips the finished ones.
 
@@ -122,15 +123,16 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str 
                                           rtol=1e-4, atol=1e-5)
                 entry["reload_equal"] = bool(same)
                 model = reloaded
-                speed = measure_speed({"dense": dense, "pruned": model}, probe, prompt_tokens=32, new_tokens=64,
-                                      repeats=3, runtimes=("eager",))
+                new_tokens = int(os.environ.get("SSM_BENCH_NEW_TOKENS", "32"))
+                speed = measure_speed({"dense": dense, "pruned": model}, probe, prompt_tokens=32,
+                                      new_tokens=new_tokens, repeats=3, runtimes=("eager",))
                 fast = speed.models["pruned"]
                 entry["speed"] = {"prefill_tok_s": round(fast.prefill_tok_s, 1),
                                   "prefill_tok_s_dense": round(speed.models["dense"].prefill_tok_s, 1),
                                   "prefill_speedup": round(fast.prefill_speedup, 3),
                                   "decode_tok_s": round(fast.decode_tok_s["eager"], 1),
                                   "decode_tok_s_dense": round(speed.models["dense"].decode_tok_s["eager"], 1),
-                                  "decode_speedup": round(fast.decode_speedup["eager"], 3)}
+                                  "decode_speedup": round(fast.decode_speedup["eager"], 3), "new_tokens": new_tokens}
         entry["params"] = count_parameters(model)
         entry["nonzero"] = int(sum(int((p != 0).sum()) for p in {id(p): p for p in model.parameters()}.values()))
         result = perplexity(model, tokenizer, str(SOTU / "test.txt"), seqlen=SEQLEN, batch_size=8,
