@@ -111,3 +111,49 @@ def save_tiny_llama(folder):
     build("llama", vocab=len(tokenizer), max_positions=1024).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+SSM_FAMILIES = ("mamba", "mamba2", "bamba")
+
+
+def build_ssm(family: str, vocab: int = VOCAB, seed: int = 0, *, n_groups: int = 2, bias: bool = False,
+              layers: int = 2) -> torch.nn.Module:
+    """Tiny random state-space models: Mamba-1, Mamba-2 (8 heads x 16, `n_groups` B/C groups) and a Bamba
+    hybrid (layer 0 Mamba-2, layer 1 attention). `bias`: linear biases in the mixers (for compensation)."""
+    from transformers import (
+        BambaConfig,
+        BambaForCausalLM,
+        Mamba2Config,
+        Mamba2ForCausalLM,
+        MambaConfig,
+        MambaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if family == "mamba":
+        model = MambaForCausalLM(MambaConfig(vocab_size=vocab, hidden_size=HIDDEN, state_size=8, expand=2,
+                                             num_hidden_layers=layers, time_step_rank=8, use_bias=bias))
+    elif family == "falcon_mamba":
+        from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+        model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=vocab, hidden_size=HIDDEN, state_size=8, expand=2,
+                                                         num_hidden_layers=layers, time_step_rank=8, use_bias=bias))
+    elif family == "mamba2":
+        model = Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, hidden_size=HIDDEN, num_heads=8, head_dim=16, expand=2,
+                                               n_groups=n_groups, state_size=8, num_hidden_layers=layers,
+                                               chunk_size=16, use_bias=bias))
+    elif family == "bamba":
+        model = BambaForCausalLM(BambaConfig(
+            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16,
+            mamba_n_groups=n_groups, mamba_d_state=8, mamba_chunk_size=16, max_position_embeddings=512,
+            mamba_proj_bias=bias))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # break the symmetric initialisation (A_log, D, dt) so every head and state differs
+        for name, param in model.named_parameters():
+            if name.endswith(("A_log", "D", "dt_bias")) or "conv1d" in name:
+                param.add_(0.3 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import Adapter, get_adapter, weight_matrix
+from prunekit.adapters.ssm import check_structured_parts, resolved_parts, split_ssm_parts, ssm_skip_globs
 from prunekit.checks import check_device, check_positive
 from prunekit.engine import Engine, EngineOptions, EngineResult, InMemoryBlocks
 from prunekit.errors import PrunekitError
@@ -172,9 +173,12 @@ def prune(
     check_positive({"batch_size": batch_size, "nsamples": nsamples, "seqlen": seqlen})
     device = check_device(device, "device")
     method_options, allocation = split_allocation_options(sparsity_allocation, method_options)
+    method_options, ssm_parts = split_ssm_parts(method_options)
     pruner = build_method(method, method_options, refine=refine)  # refine: e.g. "dsnot" after the method
     if getattr(pruner, "structured", False):  # heads/channels removed: a physically smaller model
         from prunekit.structured import prune_structured
+
+        check_structured_parts(ssm_parts, pruner.name)
 
         return prune_structured(model, pruner, sparsity=sparsity, pattern=pattern, calibration=calibration,
                                 tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -182,6 +186,7 @@ def prune(
                                 progress=progress, reducer=reducer)
     adapter = get_adapter(model)
     plan = build_plan(sparsity, pattern, overrides, skip, prune_head=prune_head)
+    plan.skip.extend(ssm_skip_globs(adapter, ssm_parts))
     check_fits(model, adapter, plan, pruner, prune_head)
     ids, provenance, calib_seconds = None, None, 0.0
     if pruner.needs_calibration:
@@ -208,7 +213,8 @@ def prune(
         engine=result,
         calibration=provenance,
         options={"propagate": propagate, "batch_size": batch_size, "device": device, "prune_head": prune_head,
-                 "adapter": adapter.family, "world_size": getattr(reducer, "world_size", 1)},
+                 "adapter": adapter.family, "world_size": getattr(reducer, "world_size", 1),
+                 "ssm_parts": resolved_parts(adapter, ssm_parts)},
         seconds=time.perf_counter() - started,
         memory=peak_memory(),
         allocation=program.describe() if hasattr(program, "describe") else None,

@@ -103,6 +103,7 @@ def prune(
     trust_remote_code: Annotated[bool, typer.Option(help="Allow model code from the hub.")] = False,
 ) -> None:
     """Prune MODEL and save an HF folder plus prunekit.json (streamed block by block, resumable)."""
+    from prunekit.adapters.ssm import split_ssm_parts
     from prunekit.checks import check_device, check_positive
     from prunekit.files import check_output_dir
     from prunekit.methods import build_method
@@ -131,6 +132,7 @@ def prune(
                     "--ppl-seqlen": ppl_seqlen})
     device = check_device(recipe.device)
     method_options, _allocation = split_allocation_options(recipe.sparsity_allocation, recipe.options)
+    method_options, _parts = split_ssm_parts(method_options)
     build_method(recipe.method, method_options, refine=recipe.refine)
     SparsityPlan.build(recipe.sparsity, recipe.pattern, recipe.overrides, recipe.skip)
     parse_dtype(recipe.dtype, "--dtype")

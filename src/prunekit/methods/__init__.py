@@ -11,6 +11,9 @@ from prunekit.methods import (  # noqa: F401  (registration)
     ria,
     seap,
     sparsegpt,
+    ssm_headdim,
+    ssm_headmerge,
+    ssm_state,
     wanda,
     wanda_sp,
 )

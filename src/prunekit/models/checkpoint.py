@@ -191,7 +191,9 @@ def build_skeleton(config: Any, trust_remote_code: bool = False) -> nn.Module:
             except (ValueError, ImportError) as error:
                 if not is_attention_error(error):
                     raise
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+                # the failed attempt left "sdpa" in the config; models without attention (Mamba) take eager
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                         trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, TypeError, RuntimeError, ImportError) as error:
         raise PrunekitError(f"could not build a causal LM from the config ({one_line(error)})") from error
     if getattr(config, "tie_word_embeddings", False):

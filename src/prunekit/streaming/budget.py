@@ -120,7 +120,7 @@ def probe_block_seconds(source, calls, ids: torch.Tensor, batch_size: int) -> di
     with torch.no_grad():
         with source.stem():
             hidden = capture_block_inputs(source.model, source.adapter.blocks(), ids[:batch_size], batch_size,
-                                          source.device)
+                                          source.device, tuple_output=source.adapter.block_returns_tuple)
         t0 = time.perf_counter()
         block = source.load(0)
         read = time.perf_counter() - t0

@@ -115,6 +115,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     """
     from prunekit import __version__
     from prunekit.adapters import get_adapter
+    from prunekit.adapters.ssm import check_structured_parts, split_ssm_parts, ssm_skip_globs
     from prunekit.api import build_plan, build_program, check_fits, peak_memory, versions
     from prunekit.checks import check_device, check_positive
     from prunekit.distributed import agree, backend_name, check_rows
@@ -138,6 +139,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
     compute_dtype = check_compute_dtype(parse_dtype(request.compute_dtype, "--compute-dtype"), device)
     activations_request = parse_dtype(request.activations_dtype, "--activations-dtype")
     method_options, allocation = split_allocation_options(request.sparsity_allocation, request.options)
+    method_options, ssm_parts = split_ssm_parts(method_options)
     pruner = build_method(request.method, method_options, refine=request.refine)
     structured = getattr(pruner, "structured", False)
     out = check_output_dir(request.out, overwrite)
@@ -151,11 +153,17 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
         from prunekit.structured.layout import get_structure
 
         check_structured_request(pruner, request.pattern, request.overrides, request.skip)
+        from prunekit.pruning.target import check_sparsity
+        from prunekit.structured.method import check_applies
+
+        check_structured_parts(ssm_parts, pruner.name)
         structure = get_structure(model)
+        check_applies(pruner, structure, check_sparsity(request.sparsity))
         plan = None
     else:
         plan = build_plan(request.sparsity, request.pattern, request.overrides, request.skip,
                           prune_head=request.prune_head)
+        plan.skip.extend(ssm_skip_globs(adapter, ssm_parts))
         check_fits(model, adapter, plan, pruner, request.prune_head)
 
     staging = staging_dir(out)
@@ -381,7 +389,8 @@ def _announce(request, checkpoint, source, calibrations, memory, out_dtype, acti
 
     ids = next(iter(calibrations.values()))
     with source.stem():
-        calls = capture_block_calls(source.model, source.adapter.blocks(), ids.shape[1], source.device)
+        calls = capture_block_calls(source.model, source.adapter.blocks(), ids.shape[1], source.device,
+                                    source.adapter.block_returns_tuple)
     probe = probe_block_seconds(source, calls, ids, request.batch_size)
     batches = -(-ids.shape[0] // request.batch_size)
     forwards = 1.0 if structured or request.propagate == "dense" else 2.0

@@ -4,6 +4,8 @@ layout.py (coupled groups and the GQA rule per family) → collect.py (one dense
 search.py (scores and the UL/AL structure searches, SEAP's logistic schedule) → shrink.py (plans,
 bias compensation, smaller nn.Linear modules) → engine.py (the run) → io.py (reload without remote
 code). The methods (flap, wanda-sp, magnitude-sp, seap) live in prunekit.methods like the others.
+State-space layers (Mamba, Mamba-2, Bamba's mixers) have their own view: ssm.py (sizes, shrink, spec, rebuild)
+and ssm_plan.py (collect-pass scores and the plans of ssm-state, ssm-headdim, ssm-headmerge and SSM-FLAP).
 
 Names are imported on first use: the method files import this package while prunekit.methods is
 still initialising, so nothing here may import the engine eagerly.
@@ -18,6 +20,7 @@ _EXPORTS = {
     "load": "io", "load_structured": "io", "structured_spec": "io",
     "BlockLayout": "layout", "LlamaStructure": "layout", "get_structure": "layout",
     "LayerPlan": "shrink", "StructurePlan": "shrink", "apply_plan": "shrink",
+    "SsmPlan": "ssm", "SsmStructure": "ssm",
 }
 
 __all__ = sorted(_EXPORTS)

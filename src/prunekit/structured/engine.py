@@ -59,7 +59,8 @@ class StructuredReport:
 
     def plan_dict(self, name: str) -> dict[str, Any]:
         plan = self.plans[name]
-        layers = [{"heads": len(layer.heads), "kv_heads": len(layer.kv_heads), "channels": len(layer.channels),
+        layers = [None if layer is None else layer.summary() if hasattr(layer, "summary") else
+                  {"heads": len(layer.heads), "kv_heads": len(layer.kv_heads), "channels": len(layer.channels),
                    "sparsity": round(layer.removed_params / layer.total_params, 4)} for layer in plan.layers]
         return {"target": plan.target, "achieved": plan.achieved, "removed_params": plan.removed_params,
                 "prunable_params": plan.total_params, **plan.info, "layers": layers}
@@ -95,8 +96,15 @@ class StructuredProgram:
 
     def passes(self):
         collected = {}
+        ssm = getattr(self.structure, "ssm", False)
         for name, ids in (self.calibrations or {"weights": None}).items():
-            collect = CollectPass(StructuredObserver(self.structure, needs_data=ids is not None), calibration=ids)
+            if ssm:
+                from prunekit.structured.ssm_plan import SsmObserver
+
+                observer = SsmObserver(self.structure, needs_data=ids is not None)
+            else:
+                observer = StructuredObserver(self.structure, needs_data=ids is not None)
+            collect = CollectPass(observer, calibration=ids)
             yield collect
             collected[name] = collect.result
         self.plans, self.applied = self.method.plans(self.structure, collected, self.sparsity)
@@ -107,6 +115,8 @@ class StructuredProgram:
             plan = self.plans[name]
 
             def shrink(index: int, block: nn.Module, plan: StructurePlan = plan) -> dict[str, Any]:
+                if ssm:
+                    return self.structure.apply(block, plan.layers[index], index)
                 apply_block(self.structure, block, plan.layers[index], index)
                 return layer_spec(self.structure, block)
 
@@ -144,6 +154,9 @@ def prune_structured(model: nn.Module, method: StructuredMethod, *, sparsity: fl
     check_structured_request(method, pattern, overrides, skip)
     sparsity = check_sparsity(sparsity)
     structure = get_structure(model)
+    from prunekit.structured.method import check_applies  # not at import time: methods import this package
+
+    check_applies(method, structure, sparsity)
     params_before = count_parameters(model)
     t0 = time.perf_counter()
     calibrations, provenance = structured_calibrations(method, lambda source: prepare_calibration(

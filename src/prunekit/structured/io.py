@@ -46,6 +46,12 @@ def _shaped(hidden: int, layer: dict[str, Any], head_dim: int) -> dict[str, tupl
 def _shrink_to_spec(model: nn.Module, spec: dict[str, Any]) -> None:
     from prunekit.structured.layout import get_structure
 
+    if spec.get("kind") == "ssm":
+        from prunekit.structured.ssm import shrink_to_spec
+
+        shrink_to_spec(model, spec)
+        return
+
     structure = get_structure(model)
     blocks = structure.blocks()
     layers = spec.get("layers", [])
@@ -93,8 +99,16 @@ def load_structured(folder: str | Path, *, dtype: torch.dtype = torch.float32, a
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
-                                                     trust_remote_code=False)
+            try:
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                                         trust_remote_code=False)
+            except ValueError as error:  # attention-free models (Mamba) take no SDPA
+                from prunekit.models.folder import is_attention_error
+
+                if not is_attention_error(error):
+                    raise
+                attn_implementation = "eager"
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", trust_remote_code=False)
             _shrink_to_spec(model, spec)
     except (OSError, ValueError, KeyError) as error:
         raise PrunekitError(f"cannot rebuild the model of {path}: {' '.join(str(error).split())[:300]}") from error

@@ -109,6 +109,10 @@ _STRUCTURES: dict[str, type[LlamaStructure]] = {family: cls for cls in (LlamaStr
 def get_structure(model: nn.Module) -> LlamaStructure:
     """The structured view of `model`, or one line saying its family has no structured adapter."""
     adapter = get_adapter(model)  # unsupported architectures fail here with their own line
+    from prunekit.structured.ssm import SSM_FAMILIES, SsmStructure
+
+    if adapter.family in SSM_FAMILIES:
+        return SsmStructure(model)  # type: ignore[return-value]
     cls = _STRUCTURES.get(adapter.family)
     if cls is None:
         model_type = getattr(model.config, "model_type", "?")

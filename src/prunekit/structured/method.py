@@ -41,8 +41,11 @@ class StructuredConfig(MethodConfig):
 
 class StructuredMethod:
     name: ClassVar[str]
-    config_class: ClassVar[type[StructuredConfig]]
+    config_class: ClassVar[type[MethodConfig]]
     structured: ClassVar[bool] = True
+    #: whether the method prunes state-space layers (structured/ssm_plan.py), and whether only those
+    ssm_support: ClassVar[bool] = False
+    ssm_only: ClassVar[bool] = False
     updates_weights: ClassVar[bool] = False
     #: Square the attention channel scores before standardising (FLAP's reference does; search.py).
     square_heads: ClassVar[bool] = False
@@ -97,7 +100,16 @@ class StructuredMethod:
               ) -> tuple[dict[str, StructurePlan], str]:
         """Every plan of the run and the one the in-memory model receives."""
         summaries = collected.get("model") or collected.get("weights")
+        if getattr(structure, "ssm", False):
+            return {"model": self.ssm_plan(structure, summaries, sparsity)}, "model"
         return {"model": self.plan(structure, summaries, sparsity)}, "model"
+
+    def ssm_plan(self, structure, summaries: list[dict], sparsity: float):
+        """The plan for state-space layers (structured/ssm_plan.py), for methods with `ssm_support`."""
+        raise NotImplementedError
+
+    def ssm_check(self, structure, sparsity: float) -> None:
+        """What the plan would refuse (a ratio removing every state/head), from the shapes, before any work."""
 
     def saved_names(self, plans: dict[str, StructurePlan]) -> list[str]:
         return list(plans)
@@ -111,3 +123,23 @@ def _split(stats, count: int) -> tuple[list | None, list]:
         data = [s.stats for s in stats]
         return (data if data[0] is not None else None), [s.columns for s in stats]
     return stats, [None] * count
+
+
+def ssm_method_names() -> list[str]:
+    from prunekit.methods.registry import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if getattr(cls, "ssm_support", False))
+
+
+def check_applies(method: StructuredMethod, structure, sparsity: float | None = None) -> None:
+    """One line, before any work, when a structured method and the model's layers do not go together."""
+    from prunekit.errors import PrunekitError
+
+    if getattr(structure, "ssm", False) and not method.ssm_support:
+        raise PrunekitError(f"method {method.name} does not apply to state-space (SSM) layers of "
+                            f"{structure.adapter.family}; structured methods that do: {', '.join(ssm_method_names())}")
+    if not getattr(structure, "ssm", False) and method.ssm_only:
+        raise PrunekitError(f"method {method.name} prunes state-space (SSM) layers; {structure.adapter.family} has "
+                            "none (model types with SSM layers: mamba, falcon_mamba, mamba2, bamba)")
+    if getattr(structure, "ssm", False) and sparsity is not None:
+        method.ssm_check(structure, sparsity)

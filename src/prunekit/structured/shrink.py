@@ -186,6 +186,9 @@ def apply_block(structure: LlamaStructure, block: nn.Module, layer: LayerPlan, i
 @torch.no_grad()
 def apply_plan(model: nn.Module, structure: LlamaStructure, plan: StructurePlan) -> None:
     """Shrink every block of an in-memory `model` to the plan, then record the sizes in its config."""
+    if getattr(structure, "ssm", False):
+        structure.apply_plan(model, plan)
+        return
     blocks = structure.blocks()
     if len(blocks) != len(plan.layers):
         raise ValueError(f"plan has {len(plan.layers)} layers, the model {len(blocks)}")
@@ -205,6 +208,8 @@ def layer_spec(structure: LlamaStructure, block: nn.Module) -> dict[str, Any]:
 def structure_spec(model: nn.Module, structure: LlamaStructure, layers: list[dict[str, Any]] | None = None
                    ) -> dict[str, Any]:
     """The per-layer sizes recorded in a shrunk model's config (from its blocks, or `layers` when streamed)."""
+    if getattr(structure, "ssm", False):
+        return structure.spec(layers)
     if layers is None:
         layers = [layer_spec(structure, block) for block in structure.blocks()]
     return {"format": 1, "family": structure.adapter.family, "head_dim": structure.head_dim, "layers": layers}
