@@ -13,7 +13,7 @@ from typing import Literal
 
 from prunekit.methods.base import MethodConfig
 from prunekit.methods.registry import register
-from prunekit.structured.method import StructuredMethod
+from prunekit.structured.method import SsmUnitMethod
 
 
 class SsmHeaddimConfig(MethodConfig):
@@ -21,22 +21,8 @@ class SsmHeaddimConfig(MethodConfig):
 
 
 @register
-class SsmHeaddim(StructuredMethod):
+class SsmHeaddim(SsmUnitMethod):
     name = "ssm-headdim"
     config_class = SsmHeaddimConfig
-    ssm_support = True
-    ssm_only = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.config.metric == "wanda"
-
-    def ssm_check(self, structure, sparsity):
-        from prunekit.structured.ssm_plan import check_ratio
-
-        check_ratio(structure, sparsity, "channel", self.name)
-
-    def ssm_plan(self, structure, summaries, sparsity):
-        from prunekit.structured.ssm_plan import plan_headdim
-
-        return plan_headdim(structure, summaries, sparsity, self.config.metric, self.name)
+    unit = "channel"
+    planner = "plan_headdim"

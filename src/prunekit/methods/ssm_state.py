@@ -13,7 +13,7 @@ from typing import Literal
 
 from prunekit.methods.base import MethodConfig
 from prunekit.methods.registry import register
-from prunekit.structured.method import StructuredMethod
+from prunekit.structured.method import SsmUnitMethod
 
 
 class SsmStateConfig(MethodConfig):
@@ -21,22 +21,8 @@ class SsmStateConfig(MethodConfig):
 
 
 @register
-class SsmState(StructuredMethod):
+class SsmState(SsmUnitMethod):
     name = "ssm-state"
     config_class = SsmStateConfig
-    ssm_support = True
-    ssm_only = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.config.metric == "wanda"
-
-    def ssm_check(self, structure, sparsity):
-        from prunekit.structured.ssm_plan import check_ratio
-
-        check_ratio(structure, sparsity, "state", self.name)
-
-    def ssm_plan(self, structure, summaries, sparsity):
-        from prunekit.structured.ssm_plan import plan_states
-
-        return plan_states(structure, summaries, sparsity, self.config.metric, self.name)
+    unit = "state"
+    planner = "plan_states"

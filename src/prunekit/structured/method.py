@@ -115,6 +115,31 @@ class StructuredMethod:
         return list(plans)
 
 
+class SsmUnitMethod(StructuredMethod):
+    """A structured method of SSM layers only that removes a share of one kind of unit from every layer; a
+    subclass names the unit (`check_ratio`'s kind) and its planner in structured/ssm_plan.py."""
+
+    ssm_support = True
+    ssm_only = True
+    #: the unit removed ("state", "channel") and the ssm_plan function that plans it
+    unit: ClassVar[str]
+    planner: ClassVar[str]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config.metric == "wanda"
+
+    def ssm_check(self, structure, sparsity: float) -> None:
+        from prunekit.structured.ssm_plan import check_ratio
+
+        check_ratio(structure, sparsity, self.unit, self.name)
+
+    def ssm_plan(self, structure, summaries: list[dict], sparsity: float):
+        from prunekit.structured import ssm_plan
+
+        return getattr(ssm_plan, self.planner)(structure, summaries, sparsity, self.config.metric, self.name)
+
+
 def _split(stats, count: int) -> tuple[list | None, list]:
     """Block statistics and column summaries from either form a caller may pass."""
     from prunekit.structured.collect import BlockSummary
