@@ -32,6 +32,15 @@ Mode = Literal["chat", "plain", "auto"]
 PLAIN_TEMPLATE = "User: {message}\nAssistant:"
 
 
+def _decoding_setup(model: Any, tokenizer: Any, max_new_tokens: int, batch_size: int) -> tuple[Any, int, set[int]]:
+    """The checks and constants both decoders share: device, padding id and stop ids."""
+    if max_new_tokens < 1:
+        raise PrunekitError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if batch_size < 1:
+        raise PrunekitError(f"batch size {batch_size} must be at least 1")
+    return next(model.parameters()).device, _pad_id(tokenizer, model), set(_stop_ids(tokenizer, model))
+
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
@@ -165,13 +174,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_ne
     Prompts are sorted by length inside the call (less padding) and the answers returned in input order.
     Decoding stops at the model's end-of-turn / EOS tokens; the stop token is not part of the answer.
     """
-    if max_new_tokens < 1:
-        raise PrunekitError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    if batch_size < 1:
-        raise PrunekitError(f"batch size {batch_size} must be at least 1")
-    device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer, model)
-    stops = _stop_ids(tokenizer, model)
+    device, pad_id, stops = _decoding_setup(model, tokenizer, max_new_tokens, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if sort_by_length else list(range(len(prompts)))
     results: list[list[int]] = [[] for _ in prompts]
     started = time.perf_counter()
@@ -180,7 +183,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_ne
         ids, mask = left_pad([prompts[i] for i in chunk], pad_id)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              num_beams=1, max_new_tokens=max_new_tokens, min_new_tokens=0, use_cache=True,
-                             pad_token_id=pad_id, eos_token_id=stops or None, temperature=None, top_p=None,
+                             pad_token_id=pad_id, eos_token_id=sorted(stops) or None, temperature=None, top_p=None,
                              top_k=None, repetition_penalty=None)
         new = out[:, ids.shape[1]:].tolist()
         for row, i in zip(new, chunk, strict=True):
@@ -264,13 +267,7 @@ def decode_batches(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
     prompts form one group. `stop` is asked after every new token of a row; when it returns a reason the row
     ends there (ended = "verdict").
     """
-    if max_new_tokens < 1:
-        raise PrunekitError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    if batch_size < 1:
-        raise PrunekitError(f"batch size {batch_size} must be at least 1")
-    device = next(model.parameters()).device
-    pad_id = _pad_id(tokenizer, model)
-    stops = set(_stop_ids(tokenizer, model))
+    device, pad_id, stops = _decoding_setup(model, tokenizer, max_new_tokens, batch_size)
     for group in (groups if groups is not None else [list(range(len(prompts)))]):
         if not group:
             continue
