@@ -16,6 +16,8 @@ scores, which need gradients):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -124,29 +126,31 @@ def _full(layout: SsmLayout) -> tuple[list[int], list[int], list[list[int]]]:
             [list(range(layout.state)) for _ in range(layout.groups)])
 
 
+def _per_layer(structure: SsmStructure, summaries: list[dict],
+               plan_layer: Callable[[int, SsmLayout, dict | None], SsmLayerPlan]) -> list[SsmLayerPlan | None]:
+    """One plan per SSM layer (None for the other blocks of a hybrid), each from its layout and summary."""
+    blocks = structure.blocks()
+    if summaries and len(summaries) != len(blocks):
+        raise ValueError(f"{len(summaries)} block summaries for {len(blocks)} blocks")
+    return [None if (layout := structure.layout(block)) is None
+            else plan_layer(index, layout, summaries[index] if summaries else None)
+            for index, block in enumerate(blocks)]
+
+
 def plan_states(structure: SsmStructure, summaries: list[dict], ratio: float, metric: str, method: str) -> SsmPlan:
-    layers: list[SsmLayerPlan | None] = []
-    for index, (block, summary) in enumerate(zip(structure.blocks(), summaries, strict=True)):
-        layout = structure.layout(block)
-        if layout is None:
-            layers.append(None)
-            continue
+    def plan_layer(index: int, layout: SsmLayout, summary: dict | None) -> SsmLayerPlan:
         scores = _score(summary, f"state_{metric}", method)
         k = _count(ratio, layout.state, "SSM states", index, method)
         heads, channels, _ = _full(layout)
         states = [sorted(set(range(layout.state)) - _lowest(scores[g], k)) for g in range(layout.groups)]
-        layers.append(_layer(layout, heads, channels, states, 1, None))
-    return SsmPlan(layers, ratio, {"metric": metric, "unit": "state"})
+        return _layer(layout, heads, channels, states, 1, None)
+
+    return SsmPlan(_per_layer(structure, summaries, plan_layer), ratio, {"metric": metric, "unit": "state"})
 
 
 def plan_headdim(structure: SsmStructure, summaries: list[dict], ratio: float, metric: str, method: str) -> SsmPlan:
     """The same number of channels leave every head (Mamba-1: channels of d_inner, one pool)."""
-    layers: list[SsmLayerPlan | None] = []
-    for index, (block, summary) in enumerate(zip(structure.blocks(), summaries, strict=True)):
-        layout = structure.layout(block)
-        if layout is None:
-            layers.append(None)
-            continue
+    def plan_layer(index: int, layout: SsmLayout, summary: dict | None) -> SsmLayerPlan:
         scores = _score(summary, f"channel_{metric}", method)
         heads, _, states = _full(layout)
         if layout.kind == "mamba":
@@ -158,18 +162,14 @@ def plan_headdim(structure: SsmStructure, summaries: list[dict], ratio: float, m
             d = layout.head_dim
             per_head = scores.reshape(layout.heads, d)
             channels = [h * d + p for h in heads for p in sorted(set(range(d)) - _lowest(per_head[h], k))]
-        layers.append(_layer(layout, heads, channels, states, 1, None))
-    return SsmPlan(layers, ratio, {"metric": metric, "unit": "channel"})
+        return _layer(layout, heads, channels, states, 1, None)
+
+    return SsmPlan(_per_layer(structure, summaries, plan_layer), ratio, {"metric": metric, "unit": "channel"})
 
 
 def plan_headmerge(structure: SsmStructure, summaries: list[dict], ratio: float, method: str) -> SsmPlan:
     """Consecutive B/C groups averaged: G → G − round(ratio·G) groups, which must divide G evenly."""
-    layers: list[SsmLayerPlan | None] = []
-    for index, block in enumerate(structure.blocks()):
-        layout = structure.layout(block)
-        if layout is None:
-            layers.append(None)
-            continue
+    def plan_layer(index: int, layout: SsmLayout, _summary: dict | None) -> SsmLayerPlan:
         if layout.kind != "mamba2":
             raise PrunekitError(f"{method} merges B/C heads of Mamba-2 layers; Mamba-1 layers have one B/C head")
         removed = _count(ratio, layout.groups, "B/C heads", index, method)
@@ -180,8 +180,9 @@ def plan_headmerge(structure: SsmStructure, summaries: list[dict], ratio: float,
                                 f"{index}, which does not merge them in equal sets; accepted ratios: "
                                 f"{', '.join(valid) or 'none (a single B/C head)'}")
         heads, channels, states = _full(layout)
-        layers.append(_layer(layout, heads, channels, states, layout.groups // kept, None))
-    return SsmPlan(layers, ratio, {"unit": "B/C head"})
+        return _layer(layout, heads, channels, states, layout.groups // kept, None)
+
+    return SsmPlan(_per_layer(structure, [], plan_layer), ratio, {"unit": "B/C head"})
 
 
 def plan_heads(structure: SsmStructure, summaries: list[dict], ratio: float, metric: str, adaptive: bool,
