@@ -19,7 +19,10 @@ Protocol:
 * --full: the issue-14 plan — Qwen with ORIGINAL + all 10 templates, pruned attention-only (the paper's
   choice) and all-linear; SmolLM2 with ORIGINAL + the 5 templates above; 225 tasks; analyses on 45 tasks.
   Every run is resumable: the same command continues it (nothing is regenerated), so a CPU can do it in
-  several sittings; `benchmarks/background.sh` runs it at the lowest priority.
+  several sittings; `benchmarks/background.sh` runs it at the lowest priority. Between machines (a fresh
+  checkout has no safety_runs/), `--export-carry` writes each run's state without the answers' text to
+  benchmarks/results/safety_full/ (committed: identity, variant measurements, every answer's key and verdicts);
+  `--full` on the next machine starts from it and carries again when each run returns.
 * --throughput-study: old vs new generation path on the same prompts (`prunekit safety --throughput-study`),
   one JSON per model under benchmarks/results/.
 
@@ -51,6 +54,8 @@ SHARED = Path(os.environ.get("PRUNEKIT_SHARED_DATA") or ROOT.parent / "shared" /
 SAFETY = SHARED / "safety"
 SOTU = SHARED / "corpora" / "sotu"
 RESULTS = ROOT / "benchmarks" / "results"
+#: --full's state without the answers' text (committed): how a run continues on the next machine
+CARRY = RESULTS / "safety_full"
 MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
 TEMPLATES = ("ORIGINAL", "AIM", "CHARACTER", "CODE", "DAN", "KEVIN")
 #: issue 14: (model, templates ("all" = ORIGINAL + the 10 jailbreaks), layer choice); cheapest first
@@ -82,13 +87,32 @@ def _config(name: str, args: argparse.Namespace, templates: list[str], layers: s
 
 def run_model(name: str, args: argparse.Namespace, templates: list[str] | None = None,
               layers: str | None = None) -> dict[str, Any]:
-    """One model: the whole study through prunekit.safety.run_study (continued if it was stopped)."""
+    """One model: the whole study through prunekit.safety.run_study (continued if it was stopped; under --full
+    also from the state carried in CARRY by an earlier machine, and carried again when it returns)."""
     from prunekit.safety.run import run_study
+    from prunekit.safety.state import export_carry, import_carry
 
     layers = layers or args.layers
     config = _config(name, args, templates or args.templates, layers)
     folder = args.runs / (name if layers == "attention" and not args.full else f"{name}-{layers}")
-    return run_study(config, folder, overwrite=args.overwrite, log=lambda m: log(f"{name}/{layers}: {m}"))
+    if args.full and not args.overwrite and (restored := import_carry(CARRY / folder.name, folder)):
+        log(f"{name}/{layers}: continuing from {restored} answers carried in {CARRY / folder.name}")
+    results = run_study(config, folder, overwrite=args.overwrite, log=lambda m: log(f"{name}/{layers}: {m}"))
+    if args.full:
+        export_carry(folder, CARRY / folder.name)
+    return results
+
+
+def export_carries(runs: Path) -> None:
+    """--export-carry: carry every --full run folder's state (no answer text) to CARRY, e.g. before a machine
+    that ran part of the study goes away; the same --full command elsewhere continues from it."""
+    from prunekit.safety.state import export_carry
+
+    for name, _, layers in FULL_PLAN:
+        folder = runs / f"{name}-{layers}"
+        if (folder / "run.json").is_file():
+            carried = export_carry(folder, CARRY / folder.name)
+            print(f"{folder.name}: {carried} answers carried to {CARRY / folder.name}")
 
 
 def throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -208,6 +232,8 @@ def main() -> None:
     parser.add_argument("--layers", default="attention", help="attention (the paper's) or all")
     parser.add_argument("--full", action="store_true", help="the issue-14 plan (FULL_PLAN), resumable")
     parser.add_argument("--overwrite", action="store_true", help="start the runs again instead of continuing")
+    parser.add_argument("--export-carry", action="store_true",
+                        help="write the --full runs' state (no answer text) to benchmarks/results/safety_full and exit")
     parser.add_argument("--baseline-batch-size", type=int, default=None,
                         help="--throughput-study: the old path's batch (default: --batch-size)")
     parser.add_argument("--throughput-study", action="store_true",
@@ -221,6 +247,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=RESULTS / "safety_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "safety.json")
     args = parser.parse_args()
+    if args.export_carry:
+        export_carries(args.runs)
+        return
     if args.markdown is not None:
         stored = [json.loads(path.read_text()) for path in args.markdown or [args.out]]
         print(markdown([row for result in stored for row in result["rows"]], stored[0]["args"]["templates"]))

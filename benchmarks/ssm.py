@@ -10,7 +10,9 @@ Protocol (stated in the JSON):
     ssm-headmerge at 50/75 % (Mamba-2, 4 B/C groups: the ratios that merge equal sets); structured models are
     saved, reloaded with prunekit.load (logits checked against the in-memory model) and evaluated reloaded;
   * perplexity on sotu/test.txt (2000-2021, held out; the models trained on 1790-1979 and Brown) under the
-    pinned protocol: the first `--eval-windows` non-overlapping windows of 256 tokens, no BOS;
+    pinned protocol: the first `--eval-windows` non-overlapping windows of 256 tokens, no BOS; and on Brown
+    (the first 1,500 characters of the held-out documents of each of the 15 genres, the last 20 % of each
+    genre, which the models never saw; all windows);
   * parameters (all, distinct) and nonzero ones, safetensors bytes of the saved structured models; speed of the
     structured models against dense (prunekit.evaluation.speed, as `prunekit speed`: interleaved, median of 3,
     prefill of 256 tokens, greedy eager decode of 32 new tokens after a 32-token prompt (64 in the first Mamba
@@ -43,6 +45,8 @@ UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 STRUCTURED_RATIOS = (0.1, 0.2, 0.3)
 SEQLEN = 256
+#: Characters of each Brown genre's held-out documents evaluated (15 genres, about 5,000 tokens in all).
+BROWN_CHARS = 1500
 
 
 def log(message: str) -> None:
@@ -95,7 +99,9 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str 
     loaded = load_model(str(folder))
     dense, tokenizer = loaded.model.eval(), loaded.tokenizer
     from prunekit.data import build_calibration
+    from ssm_models import brown_split
 
+    brown_texts = ["\n\n".join(docs)[:BROWN_CHARS] for docs in brown_split()[1].values()]
     calib = build_calibration(str(SOTU / "train.txt"), tokenizer, nsamples=32, seqlen=128, seed=0)
     probe = torch.tensor([tokenizer((SOTU / "test.txt").read_text()[:20000])["input_ids"][:SEQLEN]])
     for row, method, ratio, options in configs(name):
@@ -139,6 +145,8 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str 
                             max_windows=eval_windows, progress=False)
         entry["ppl_sotu_test"] = round(result.perplexity, 3)
         entry["eval_tokens"] = result.tokens
+        brown = perplexity(model, tokenizer, brown_texts, seqlen=SEQLEN, batch_size=8, progress=False)
+        entry["ppl_brown"], entry["brown_tokens"] = round(brown.perplexity, 3), brown.tokens
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         results["rows"][key] = entry
         results["eval_protocol"] = result.protocol
@@ -147,28 +155,30 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str 
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| model | config | achieved | SOTU test ppl | params | nonzero | file KiB | prefill × | decode × |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | config | achieved | SOTU test ppl | Brown ppl | params | nonzero | file KiB | prefill × | "
+             "decode × |", "|---|---|---|---|---|---|---|---|---|---|"]
     for entry in results["rows"].values():
         size = f"{entry['file_bytes'] / 1024:.0f}" if "file_bytes" in entry else "–"
         speed = entry.get("speed")
         prefill = f"{speed['prefill_speedup']:.2f}" if speed else "–"
         decode = f"{speed['decode_speedup']:.2f}" if speed else "–"
+        brown = f"{entry['ppl_brown']:.2f}" if "ppl_brown" in entry else "–"
         lines.append(f"| {entry['model']} | {entry['config']} | {entry.get('achieved', 0):.3f} | "
-                     f"{entry['ppl_sotu_test']:.2f} | {entry['params']:,} | {entry['nonzero']:,} | {size} | "
+                     f"{entry['ppl_sotu_test']:.2f} | {brown} | {entry['params']:,} | {entry['nonzero']:,} | {size} | "
                      f"{prefill} | {decode} |")
     return "\n".join(lines)
 
 
 def pivot(results: dict[str, Any]) -> str:
-    """SOTU-test perplexity by configuration (rows) and model (columns)."""
-    rows: dict[str, dict[str, float]] = {}
+    """Perplexity (SOTU test / held-out Brown) by configuration (rows) and model (columns)."""
+    rows: dict[str, dict[str, str]] = {}
     for entry in results["rows"].values():
-        rows.setdefault(entry["config"], {})[entry["model"]] = entry["ppl_sotu_test"]
+        brown = f" / {entry['ppl_brown']:.1f}" if "ppl_brown" in entry else ""
+        rows.setdefault(entry["config"], {})[entry["model"]] = f"{entry['ppl_sotu_test']:.1f}{brown}"
     models = [m for m in MODELS if any(m in r for r in rows.values())]
     lines = ["| config | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for config, values in rows.items():
-        cells = [f"{values[m]:.2f}" if m in values else "–" for m in models]
+        cells = [values.get(m, "–") for m in models]
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Train the small state-space models (and a same-size LLaMA) that benchmarks/ssm.py prunes.
 
 No pretrained Mamba checkpoint is reachable here, so the project makes its own real ones: a seeded, resumable
-run per architecture on ../shared/data (SOTU train.txt 1790–1979 + every Brown genre), with a byte-level BPE
+run per architecture on ../shared/data (SOTU train.txt 1790–1979 + the first 80 % of the documents of
+every Brown genre; the last 20 % are held out for evaluation), with a byte-level BPE
 vocabulary of 4096 tokens trained on the same text (SmolLM2's 49,152-token embedding would hold most of the
 parameters of models this small). Models:
 
@@ -38,6 +39,8 @@ SEQLEN = 128
 BATCH = 16
 LR = 3e-3
 WARMUP = 20
+#: Share of each Brown genre's documents (the last ones) kept out of training for evaluation.
+BROWN_HELD_OUT = 0.2
 MODELS = ("mamba", "mamba2", "llama")
 
 
@@ -51,11 +54,25 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def brown_split() -> tuple[list[str], dict[str, list[str]]]:
+    """Documents of every Brown genre: the first 80 % of each genre train, the last 20 % (by genre) are held
+    out for evaluation (benchmarks/ssm.py), so that Brown perplexity is measured on text the models never saw."""
+    from prunekit.data.sources import split_documents
+
+    train: list[str] = []
+    held_out: dict[str, list[str]] = {}
+    for path in sorted((SHARED / "brown").glob("*.txt")):
+        docs = split_documents(path.read_text())
+        cut = max(1, round(len(docs) * (1 - BROWN_HELD_OUT)))
+        train += docs[:cut]
+        held_out[path.stem] = docs[cut:]
+    return train, held_out
+
+
 def training_text() -> str:
-    """SOTU train.txt and every Brown genre, in a fixed order (test.txt stays held out)."""
-    parts = [(SHARED / "sotu" / "train.txt").read_text()]
-    parts += [p.read_text() for p in sorted((SHARED / "brown").glob("*.txt"))]
-    return "\n\n".join(parts)
+    """SOTU train.txt and the training part of every Brown genre, in a fixed order (SOTU test.txt and the
+    held-out Brown documents stay out)."""
+    return "\n\n".join([(SHARED / "sotu" / "train.txt").read_text(), *brown_split()[0]])
 
 
 def tokenizer(folder: Path):
@@ -241,7 +258,8 @@ def train(name: str, steps: int, seed: int, save_every: int) -> Path:
     atomic_write_json(stage / "training.json", {
         "model": name, "parameters": params, "steps": steps, "batch": BATCH, "seqlen": SEQLEN, "seed": seed,
         "tokens": steps * BATCH * SEQLEN, "lr": LR, "warmup": WARMUP, "vocab": VOCAB,
-        "data": "sotu/train.txt + brown/*.txt", "threads": torch.get_num_threads(),
+        "data": f"sotu/train.txt + brown/*.txt without the last {BROWN_HELD_OUT:.0%} of each genre's documents",
+        "threads": torch.get_num_threads(),
         "train_seconds": round(record["seconds"], 1), "final_loss_mean_last_20": sum(record["losses"][-20:]) / 20,
         "losses": record["losses"]})
     stage.rename(final)

@@ -507,6 +507,45 @@ def test_interrupted_run_continues(tmp_path, tiny_chat_dir, small_tasks, calib, 
     assert results["variants"]["wanda-0.5"]["prune"]["overall_sparsity"] == pytest.approx(0.5, abs=0.02)
 
 
+def test_run_carried_without_text_continues_elsewhere(tmp_path, tiny_chat_dir, small_tasks, calib):
+    """A run stopped part-way, carried without the answers' text, continues in a fresh folder (another machine):
+    only the missing answers are generated, the verdicts equal an uninterrupted run's, no text is carried, and
+    re-judging the carried answers is refused in one line."""
+    import gzip
+
+    from prunekit.errors import PrunekitError
+    from prunekit.models import load_model
+    from prunekit.safety.run import resummarize
+    from prunekit.safety.state import export_carry, import_carry
+
+    class Stop(judges.PrefixJudge):
+        calls = 0
+
+        def judge(self, prompts, responses):
+            Stop.calls += 1
+            if Stop.calls == 6:  # dense done (4 batches), one batch of the pruned variant
+                raise KeyboardInterrupt
+            return super().judge(prompts, responses)
+
+    config = _config(tiny_chat_dir, small_tasks, calib)
+    whole = run_study(config, tmp_path / "whole", log=lambda m: None, loader=load_model)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, tmp_path / "first", log=lambda m: None, loader=load_model, judges=[Stop()])
+    assert export_carry(tmp_path / "first", tmp_path / "carry") == 10
+    carried = gzip.decompress((tmp_path / "carry" / "verdicts.jsonl.gz").read_bytes()).decode()
+    first = [json.loads(line) for line in (tmp_path / "first" / "responses.jsonl").read_text().splitlines()]
+    assert all(r["prompt"] not in carried and (not r["response"] or r["response"] not in carried) for r in first)
+    assert import_carry(tmp_path / "carry", tmp_path / "second") == 10
+    assert import_carry(tmp_path / "carry", tmp_path / "second") == 0  # a run is there: left alone
+    logs: list[str] = []
+    results = run_study(config, tmp_path / "second", log=logs.append, loader=load_model)
+    assert "dense: complete on disk, skipped" in logs
+    assert any("generating 6 answers (2 already on disk" in m for m in logs)
+    assert results["counts"]["complete"] and results["summary"] == whole["summary"]
+    with pytest.raises(PrunekitError, match="carried from another machine without their text"):
+        resummarize(tmp_path / "second", judges=[judges.PrefixJudge()])
+
+
 def test_saved_variant_rebuilds_the_pruned_model(tmp_path, tiny):
     import copy
 

@@ -493,6 +493,11 @@ def resummarize(out_dir: str | Path, judges: Sequence[Judge] | None = None) -> d
     out = Path(out_dir)
     records = read_records(out / "responses.jsonl")
     if judges:
+        carried = sum(bool(r.get("text_not_carried")) for r in records)
+        if carried:
+            raise PrunekitError(f"{out}: {carried} answers were carried from another machine without their text "
+                                "(benchmarks/safety.py --export-carry); re-judging needs the answers: re-judge "
+                                "where they were generated, or summarize without new judges")
         apply_judges(records, judges)
         write_records(records, out / "responses.jsonl")
     results = json.loads((out / "results.json").read_text())

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.files import atomic_save_tensors, atomic_write_json, check_output_dir, remove_own_dir, write_marker
+from prunekit.files import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_dir,
+    remove_own_dir,
+    write_marker,
+)
 
 RUN_FILE = "run.json"
 #: What defines a run's answers: a rerun must match on these (batch size, device, analyses may change).
@@ -114,3 +121,53 @@ def load_pruned(dense: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------------------------------
 # the study
+
+
+# --------------------------------------------------------------------------------------------------
+# carrying a run between machines without the answers' text
+
+CARRY_RECORDS = "verdicts.jsonl.gz"
+#: The fields of an answer that hold text (the prompt, the answer); everything else (keys, verdicts, token counts,
+#: timings) is carried.
+TEXT_FIELDS = ("prompt", "response", "token_ids")
+
+
+def export_carry(out: Path, carry: Path) -> int:
+    """Write what continuing `out` elsewhere needs, minus the answers' text, to `carry`: the run's identity, the
+    variants' measurements (info.json) and every answer's key and verdicts (gzipped JSON lines). Returns the
+    number of answers carried. The pruned masks are not carried: a continued run prunes again (seeded, the same
+    masks)."""
+    import gzip
+
+    from prunekit.files import read_jsonl
+
+    records = read_jsonl(out / "responses.jsonl")
+    lines = [json.dumps({k: v for k, v in r.items() if k not in TEXT_FIELDS}, ensure_ascii=False) for r in records]
+    carry.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(carry / CARRY_RECORDS, gzip.compress("".join(f"{line}\n" for line in lines).encode(), mtime=0))
+    for info in sorted((out / "variants").glob("*/info.json")):
+        atomic_write_bytes(carry / "variants" / info.parent.name / "info.json", info.read_bytes())
+    atomic_write_bytes(carry / RUN_FILE, (out / RUN_FILE).read_bytes())
+    return len(records)
+
+
+def import_carry(carry: Path, out: Path) -> int:
+    """Start `out` from a carried state (`export_carry`) when `out` holds no run yet; returns the answers
+    restored (0 when there was nothing to do). The restored answers say that their text was not carried, so that
+    re-judging refuses them instead of judging an empty answer."""
+    import gzip
+
+    if not (carry / RUN_FILE).is_file() or (out.is_dir() and any(out.iterdir())):
+        return 0  # nothing carried, or a run (or anything else) is there already: prepare_run_dir decides
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "safety")
+    records = [json.loads(line) for line in gzip.decompress((carry / CARRY_RECORDS).read_bytes()).decode().splitlines()
+               if line.strip()]
+    from prunekit.files import append_lines
+
+    append_lines(out / "responses.jsonl", [json.dumps({**r, "text_not_carried": True}, ensure_ascii=False)
+                                           for r in records])
+    for info in sorted((carry / "variants").glob("*/info.json")):
+        atomic_write_bytes(out / "variants" / info.parent.name / "info.json", info.read_bytes())
+    atomic_write_bytes(out / RUN_FILE, (carry / RUN_FILE).read_bytes())  # last: the folder is a run from here on
+    return len(records)
