@@ -18,9 +18,12 @@ Protocol (stated in the JSON):
     prefill of 256 tokens, greedy eager decode of 32 new tokens after a 32-token prompt (64 in the first Mamba
     rows; recorded per row), 1 thread, CPU; the machine was shared, so read ratios, not absolute speeds).
 
-Rows are appended to benchmarks/results/ssm.json as they finish; a rerun skips the finished ones.
+Rows are appended to benchmarks/results/ssm.json as they finish; a rerun skips the finished ones. Speed needs the
+machine to itself, perplexity does not: `--speed skip` runs the rows without it, and `--speed only` (under
+benchmarks/quiet.sh) later prunes the structured rows again (seeded: the same models) and adds their speed.
 
     python benchmarks/ssm.py [--eval-windows 24] [--only mamba2]      # then prints the table
+    python benchmarks/ssm.py --speed skip && benchmarks/quiet.sh python benchmarks/ssm.py --speed only
     python benchmarks/ssm.py --table
 """
 
@@ -84,10 +87,49 @@ def save_results(results: dict[str, Any]) -> None:
     atomic_write_json(RESULTS, results)
 
 
-def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str | None = None) -> None:
+def shrink(dense: Any, tokenizer: Any, method: str, ratio: float, options: dict[str, Any], calib: Any,
+           probe: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+    """A pruned copy of `dense` (seeded: the same model every time); a structured one is saved, reloaded with
+    prunekit.load and checked against the in-memory model, and the reloaded copy is returned."""
     import prunekit
-    from prunekit.evaluation.perplexity import perplexity
+    from prunekit.structured import save_outputs
+
+    t0 = time.perf_counter()
+    model = copy.deepcopy(dense)
+    report = prunekit.prune(model, method=method, sparsity=ratio, calibration=calib, method_options=options,
+                            progress=False)
+    entry: dict[str, Any] = {"prune_s": round(time.perf_counter() - t0, 2),
+                             "achieved": round(report.overall_sparsity, 4)}
+    if not getattr(report, "structured", False):
+        return model, entry
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        save_outputs(report, model, tokenizer, out, {"method": report.method})
+        entry["file_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        reloaded = prunekit.load(out).model.eval()
+    with torch.inference_mode():
+        same = torch.allclose(reloaded(input_ids=probe).logits, model(input_ids=probe).logits, rtol=1e-4, atol=1e-5)
+    entry["reload_equal"] = bool(same)
+    return reloaded, entry
+
+
+def measure(dense: Any, model: Any, probe: torch.Tensor) -> dict[str, Any]:
+    """Prefill and eager decode of `model` against `dense`, interleaved (prunekit.evaluation.speed)."""
     from prunekit.evaluation.speed import measure_speed
+
+    new_tokens = int(os.environ.get("SSM_BENCH_NEW_TOKENS", "32"))
+    speed = measure_speed({"dense": dense, "pruned": model}, probe, prompt_tokens=32, new_tokens=new_tokens,
+                          repeats=3, runtimes=("eager",))
+    fast, base = speed.models["pruned"], speed.models["dense"]
+    return {"prefill_tok_s": round(fast.prefill_tok_s, 1), "prefill_tok_s_dense": round(base.prefill_tok_s, 1),
+            "prefill_speedup": round(fast.prefill_speedup, 3), "decode_tok_s": round(fast.decode_tok_s["eager"], 1),
+            "decode_tok_s_dense": round(base.decode_tok_s["eager"], 1),
+            "decode_speedup": round(fast.decode_speedup["eager"], 3), "new_tokens": new_tokens}
+
+
+def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str | None = None,
+              speed: str = "inline") -> None:
+    from prunekit.evaluation.perplexity import perplexity
     from prunekit.models import load_model
     from prunekit.models.cache import model_cache_dir
     from prunekit.structured.engine import count_parameters
@@ -106,39 +148,27 @@ def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str 
     probe = torch.tensor([tokenizer((SOTU / "test.txt").read_text()[:20000])["input_ids"][:SEQLEN]])
     for row, method, ratio, options in configs(name):
         key = f"{name}/{row}"
-        if key in results["rows"] or (match and match not in row and row != "dense"):
+        if match and match not in row and row != "dense":
+            continue
+        if key in results["rows"]:
+            entry = results["rows"][key]
+            if speed == "only" and "reload_equal" in entry and "speed" not in entry:
+                model, _ = shrink(dense, tokenizer, method, ratio, options, calib, probe)
+                entry["speed"] = measure(dense, model, probe)
+                save_results(results)
+                log(f"{key}: prefill x{entry['speed']['prefill_speedup']:.2f}, "
+                    f"decode x{entry['speed']['decode_speedup']:.2f}")
+            continue
+        if speed == "only":
             continue
         t0 = time.perf_counter()
-        model = copy.deepcopy(dense)
-        entry: dict[str, Any] = {"model": name, "config": row, "method": method, "ratio": ratio, "options": options}
+        entry = {"model": name, "config": row, "method": method, "ratio": ratio, "options": options}
+        model = dense
         if method != "dense":
-            report = prunekit.prune(model, method=method, sparsity=ratio, calibration=calib, method_options=options,
-                                    progress=False)
-            entry["prune_s"] = round(time.perf_counter() - t0, 2)
-            entry["achieved"] = round(report.overall_sparsity, 4)
-            if getattr(report, "structured", False):
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = Path(tmp) / "out"
-                    from prunekit.structured import save_outputs
-
-                    save_outputs(report, model, tokenizer, out, {"method": report.method})
-                    entry["file_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-                    reloaded = prunekit.load(out).model.eval()
-                with torch.inference_mode():
-                    same = torch.allclose(reloaded(input_ids=probe).logits, model(input_ids=probe).logits,
-                                          rtol=1e-4, atol=1e-5)
-                entry["reload_equal"] = bool(same)
-                model = reloaded
-                new_tokens = int(os.environ.get("SSM_BENCH_NEW_TOKENS", "32"))
-                speed = measure_speed({"dense": dense, "pruned": model}, probe, prompt_tokens=32,
-                                      new_tokens=new_tokens, repeats=3, runtimes=("eager",))
-                fast = speed.models["pruned"]
-                entry["speed"] = {"prefill_tok_s": round(fast.prefill_tok_s, 1),
-                                  "prefill_tok_s_dense": round(speed.models["dense"].prefill_tok_s, 1),
-                                  "prefill_speedup": round(fast.prefill_speedup, 3),
-                                  "decode_tok_s": round(fast.decode_tok_s["eager"], 1),
-                                  "decode_tok_s_dense": round(speed.models["dense"].decode_tok_s["eager"], 1),
-                                  "decode_speedup": round(fast.decode_speedup["eager"], 3), "new_tokens": new_tokens}
+            model, pruned = shrink(dense, tokenizer, method, ratio, options, calib, probe)
+            entry.update(pruned)
+            if "reload_equal" in entry and speed == "inline":
+                entry["speed"] = measure(dense, model, probe)
         entry["params"] = count_parameters(model)
         entry["nonzero"] = int(sum(int((p != 0).sum()) for p in {id(p): p for p in model.parameters()}.values()))
         result = perplexity(model, tokenizer, str(SOTU / "test.txt"), seqlen=SEQLEN, batch_size=8,
@@ -190,6 +220,9 @@ def main() -> None:
     parser.add_argument("--only", choices=MODELS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--match", help="only the configurations whose name contains this (and dense)")
+    parser.add_argument("--speed", choices=("inline", "skip", "only"), default="inline",
+                        help="structured rows' speed: in the row (inline), not at all (skip: perplexity rows can then "
+                             "run beside other jobs), or only the missing speed of finished rows (run it quietly)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file of the rows (default: %(default)s)")
     args = parser.parse_args()
@@ -199,7 +232,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         results["eval_windows"], results["threads"] = args.eval_windows, args.threads
         for name in [args.only] if args.only else MODELS:
-            run_model(name, results, args.eval_windows, args.match)
+            run_model(name, results, args.eval_windows, args.match, args.speed)
     print(table(results))
     print()
     print(pivot(results))
