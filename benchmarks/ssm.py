@@ -127,6 +127,49 @@ def measure(dense: Any, model: Any, probe: torch.Tensor) -> dict[str, Any]:
             "decode_speedup": round(fast.decode_speedup["eager"], 3), "new_tokens": new_tokens}
 
 
+#: Speed needs real widths: the trained ~1 M-parameter models are all per-token overhead. These are the shapes of
+#: state-spaces/mamba-130m-hf and mamba2-130m (random init, seeded): only their speed is measured, never quality.
+REAL_SHAPES = {
+    "mamba-130m-shape": ("MambaConfig", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50280, state_size=16,
+                                              expand=2, conv_kernel=4, time_step_rank=48)),
+    "mamba2-130m-shape": ("Mamba2Config", dict(hidden_size=768, num_hidden_layers=24, vocab_size=50288,
+                                                state_size=128, expand=2, head_dim=64, num_heads=24, n_groups=1,
+                                                conv_kernel=4, tie_word_embeddings=True)),
+}
+SHAPE_CONFIGS = (("ssm-state", 0.3), ("ssm-state", 0.5), ("ssm-headdim", 0.3), ("ssm-headdim", 0.5),
+                 ("flap", 0.3), ("flap", 0.5))
+
+
+def real_shape_speed(results: dict[str, Any]) -> None:
+    """--speed-shapes: prefill and decode of the structured methods on 130M-shaped Mamba and Mamba-2 (random
+    weights, seeded; calibration 8 x 128 random tokens), against dense, interleaved, 1 thread."""
+    import transformers
+
+    import prunekit
+
+    shapes = results.setdefault("speed_shapes", {})
+    for shape, (config_name, kwargs) in REAL_SHAPES.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_name)(**kwargs)
+        dense = transformers.AutoModelForCausalLM.from_config(config).eval()
+        generator = torch.Generator().manual_seed(0)
+        calib = torch.randint(0, kwargs["vocab_size"], (8, 128), generator=generator)
+        probe = torch.randint(0, kwargs["vocab_size"], (1, SEQLEN), generator=generator)
+        for method, ratio in SHAPE_CONFIGS:
+            key = f"{shape}/{method}-{ratio}"
+            if key in shapes:
+                continue
+            model = copy.deepcopy(dense)
+            report = prunekit.prune(model, method=method, sparsity=ratio, calibration=calib, progress=False)
+            entry = {"params_dense": sum(p.numel() for p in dense.parameters()),
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "achieved": round(report.overall_sparsity, 4), **measure(dense, model, probe)}
+            shapes[key] = entry
+            save_results(results)
+            log(f"{key}: params {entry['params']:,} of {entry['params_dense']:,}, "
+                f"prefill x{entry['prefill_speedup']:.2f}, decode x{entry['decode_speedup']:.2f}")
+
+
 def run_model(name: str, results: dict[str, Any], eval_windows: int, match: str | None = None,
               speed: str = "inline") -> None:
     from prunekit.evaluation.perplexity import perplexity
@@ -223,6 +266,8 @@ def main() -> None:
     parser.add_argument("--speed", choices=("inline", "skip", "only"), default="inline",
                         help="structured rows' speed: in the row (inline), not at all (skip: perplexity rows can then "
                              "run beside other jobs), or only the missing speed of finished rows (run it quietly)")
+    parser.add_argument("--speed-shapes", action="store_true",
+                        help="only the structured methods' speed on 130M-shaped random Mamba / Mamba-2 (run quietly)")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file of the rows (default: %(default)s)")
     args = parser.parse_args()
@@ -231,7 +276,9 @@ def main() -> None:
     if not args.table:
         torch.set_num_threads(args.threads)
         results["eval_windows"], results["threads"] = args.eval_windows, args.threads
-        for name in [args.only] if args.only else MODELS:
+        if args.speed_shapes:
+            real_shape_speed(results)
+        for name in [] if args.speed_shapes else [args.only] if args.only else MODELS:
             run_model(name, results, args.eval_windows, args.match, args.speed)
     print(table(results))
     print()
