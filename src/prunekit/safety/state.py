@@ -14,10 +14,12 @@ import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.files import (
+    append_lines,
     atomic_save_tensors,
     atomic_write_bytes,
     atomic_write_json,
     check_output_dir,
+    read_jsonl,
     remove_own_dir,
     write_marker,
 )
@@ -120,10 +122,6 @@ def load_pruned(dense: torch.nn.Module, path: Path) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------
-# the study
-
-
-# --------------------------------------------------------------------------------------------------
 # carrying a run between machines without the answers' text
 
 CARRY_RECORDS = "verdicts.jsonl.gz"
@@ -138,8 +136,6 @@ def export_carry(out: Path, carry: Path) -> int:
     number of answers carried. The pruned masks are not carried: a continued run prunes again (seeded, the same
     masks)."""
     import gzip
-
-    from prunekit.files import read_jsonl
 
     records = read_jsonl(out / "responses.jsonl")
     lines = [json.dumps({k: v for k, v in r.items() if k not in TEXT_FIELDS}, ensure_ascii=False) for r in records]
@@ -163,8 +159,6 @@ def import_carry(carry: Path, out: Path) -> int:
     write_marker(out, "safety")
     records = [json.loads(line) for line in gzip.decompress((carry / CARRY_RECORDS).read_bytes()).decode().splitlines()
                if line.strip()]
-    from prunekit.files import append_lines
-
     append_lines(out / "responses.jsonl", [json.dumps({**r, "text_not_carried": True}, ensure_ascii=False)
                                            for r in records])
     for info in sorted((carry / "variants").glob("*/info.json")):
