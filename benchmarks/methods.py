@@ -107,7 +107,8 @@ def _besa_by_blocks(model, ids, sparsity: float, batch_size: int):
     return pruned / total
 
 
-def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows: int | None) -> dict:
+def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows: int | None,
+            threads: int) -> dict:
     import resource
 
     import torch
@@ -118,7 +119,7 @@ def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows:
     from prunekit.evaluation import perplexity
     from prunekit.models import load_model
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     loaded = load_model("smollm2-135m")
     model, tokenizer = loaded.model, loaded.tokenizer
     calib = build_calibration(str(SOTU / "train.txt"), tokenizer, nsamples=nsamples, seqlen=seqlen, seed=0)
@@ -196,10 +197,12 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--markdown", action="store_true", help="print the stored rows as a Markdown table")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads per row (1 when another job holds the other core)")
     args = parser.parse_args()
     if args.child:
         try:
-            row = run_one(args.child, args.nsamples, args.seqlen, args.batch_size, args.max_windows)
+            row = run_one(args.child, args.nsamples, args.seqlen, args.batch_size, args.max_windows, args.threads)
         except Skipped as exc:
             row = {"config": args.child, "skipped": str(exc)}
         print("RESULT " + json.dumps(row))
@@ -218,7 +221,8 @@ def main() -> None:
         if name in rows and not args.redo:
             continue
         cmd = [sys.executable, __file__, "--child", name, "--nsamples", str(args.nsamples), "--seqlen",
-               str(args.seqlen), "--batch-size", str(args.batch_size), "--out", str(args.out)]
+               str(args.seqlen), "--batch-size", str(args.batch_size), "--out", str(args.out),
+               "--threads", str(args.threads)]
         if args.max_windows:
             cmd += ["--max-windows", str(args.max_windows)]
         print(f"== {name}", file=sys.stderr, flush=True)

@@ -1,8 +1,9 @@
 """What data-parallel calibration sends per block, and when it stops paying: a model, not a measurement.
 
 Bytes come from prunekit's own statistics (their accumulators at the real shapes, allocated on the meta
-device) and the block's linears; times assume a ring all-reduce (2(W-1)/W of the bytes through each link)
-and a broadcast of the same cost, at 25 / 100 / 400 Gb/s. Compute per block assumes a GPU sustaining
+device) and the block's linears; times assume a ring all-reduce (2(W-1)/W of the bytes through each link) for
+Wanda, whose ranks all decide, a ring reduce to rank 0 ((W-1)/W) for SparseGPT, whose rank 0 decides alone, and a
+pipelined broadcast (the bytes once per link), at 25 / 100 / 400 Gb/s. Compute per block assumes a GPU sustaining
 `--tflops` (default 200, an H100 in bf16 at about half its peak) on the calibration forward passes
 (2 x parameters x tokens FLOPs per pass; Wanda: 2 passes, SparseGPT: 2 passes plus the OBS updates, modelled by
 their FLOPs, 2 x rows x cols^2 per linear, run once on rank 0: a lower bound, the column loop is latency-bound in
@@ -56,19 +57,20 @@ def main() -> None:
             flops = forward + obs
             for ranks in RANKS:
                 compute = (forward / ranks + obs) / (args.tflops * 1e12)  # the OBS loop runs once, on rank 0
-                row = {"model": model, "method": method, "ranks": ranks, "all_reduce_mb": reduced / 1e6,
+                row = {"model": model, "method": method, "ranks": ranks, "reduced_mb": reduced / 1e6,
                        "broadcast_mb": broadcast / 1e6, "compute_s": compute}
                 for gbps in LINKS_GBPS:
                     bandwidth = gbps * 1e9 / 8
-                    row[f"network_s_{gbps}"] = (2 * (ranks - 1) / ranks * reduced + broadcast) / bandwidth
+                    hops = (1 if method == "sparsegpt" else 2) * (ranks - 1) / ranks  # reduce vs all-reduce
+                    row[f"network_s_{gbps}"] = (hops * reduced + broadcast) / bandwidth
                 single = flops / (args.tflops * 1e12)
                 row["speedup_25"] = single / (compute + row["network_s_25"])
                 row["speedup_400"] = single / (compute + row["network_s_400"])
                 rows.append(row)
-    lines = ["| model | method | ranks | all-reduce MB/block | broadcast MB/block | compute s/block | network s/block "
+    lines = ["| model | method | ranks | reduced MB/block | broadcast MB/block | compute s/block | network s/block "
              "(25 / 100 / 400 Gb/s) | speed-up at 25 / 400 Gb/s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['ranks']} | {r['all_reduce_mb']:.2f} | "
+        lines.append(f"| {r['model']} | {r['method']} | {r['ranks']} | {r['reduced_mb']:.2f} | "
                      f"{r['broadcast_mb']:.0f} | {r['compute_s']:.3f} | {r['network_s_25']:.3f} / "
                      f"{r['network_s_100']:.3f} / {r['network_s_400']:.4f} | {r['speedup_25']:.2f} / "
                      f"{r['speedup_400']:.2f} |")

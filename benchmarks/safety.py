@@ -250,9 +250,12 @@ def main() -> None:
     if args.export_carry:
         export_carries(args.runs)
         return
-    if args.markdown is not None:
+    if args.markdown is not None:  # this benchmark's JSONs, or a study folder's results.json (one run of --full)
         stored = [json.loads(path.read_text()) for path in args.markdown or [args.out]]
-        print(markdown([row for result in stored for row in result["rows"]], stored[0]["args"]["templates"]))
+        rows = [row for result in stored
+                for row in (result["rows"] if "rows" in result else table_rows(result["config"]["model"], result))]
+        first = stored[0]
+        print(markdown(rows, first["args"]["templates"] if "args" in first else first["config"]["templates"]))
         return
     if not SAFETY.exists():
         raise SystemExit(f"missing {SAFETY}: the benchmark needs ../shared/data")

@@ -61,14 +61,12 @@ def test_two_ranks_equal_one_process(material, method, stream):
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     single, parallel = _weights(material / f"{method}{stream}-1"), _weights(material / f"{method}{stream}-2")
-    for name, weight in single.items():
-        if method == "wanda":
-            assert torch.equal(parallel[name] == 0, weight == 0), name  # the same masks
-        torch.testing.assert_close(parallel[name], weight, rtol=1e-4, atol=1e-5)
+    for name, weight in single.items():  # whole batches per rank and float64 sums: the same bits
+        assert torch.equal(parallel[name], weight), name
     manifest = json.loads((material / f"{method}{stream}-2" / "prunekit.json").read_text())
     if stream == "--stream":
         assert manifest["distributed"]["world_size"] == 2 and manifest["distributed"]["backend"] == "gloo"
-        assert manifest["distributed"]["bytes_all_reduced"] > 0
+        assert manifest["distributed"]["bytes_reduced"] > 0
     else:
         assert manifest["options"]["world_size"] == 2
 

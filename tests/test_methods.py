@@ -213,6 +213,50 @@ def test_sparsegpt_raises_damping_when_cholesky_fails(caplog):
     assert int(mask.sum()) == 64 and torch.isfinite(new).all()
 
 
+def test_hessian_does_not_depend_on_the_order_or_split_of_batches():
+    """What data-parallel ranks do (each sums its own batches, then the sums are added) gives one process's H,
+    to the bit: in fp32 the order changed the last bits and SparseGPT's compounding choices with them."""
+    from prunekit.pruning.statistics import InputHessian
+
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randn(4, 64, 96, generator=generator) * (1 + 10 * i) for i in range(12)]
+    one = InputHessian(96)
+    for batch in batches:
+        one.update(batch)
+    reversed_order = InputHessian(96)
+    for batch in reversed(batches):
+        reversed_order.update(batch)
+    ranks = [InputHessian(96) for _ in range(3)]
+    for rank, share in zip(ranks, (batches[:5], batches[5:9], batches[9:]), strict=True):
+        for batch in share:
+            rank.update(batch)
+    ranks[2].merge(ranks[1])
+    ranks[2].merge(ranks[0])
+    assert ranks[2].tokens == one.tokens == 12 * 4 * 64
+    assert torch.equal(reversed_order.hessian(), one.hessian())
+    assert torch.equal(ranks[2].hessian(), one.hessian())
+
+
+def test_data_parallel_shares_are_whole_batches():
+    from prunekit.engine.reduce import DistributedReducer
+
+    def shares(total, batch, world):
+        out = []
+        for rank in range(world):
+            reducer = DistributedReducer.__new__(DistributedReducer)
+            reducer.rank, reducer.world_size = rank, world
+            out.append(reducer.rows(total, batch))
+        return [(s.start, s.stop) for s in out]
+
+    assert shares(128, 8, 2) == [(0, 64), (64, 128)]
+    assert shares(100, 8, 2) == [(0, 48), (48, 100)]  # 13 batches: 6 and 7, the short one last
+    assert shares(20, 8, 3) == [(0, 8), (8, 16), (16, 20)]
+    assert shares(5, 8, 2) == [(0, 2), (2, 5)]  # fewer batches than ranks: rows are shared
+    for total, batch, world in ((128, 8, 2), (100, 8, 3), (7, 2, 4), (9, 4, 3)):
+        covered = [row for start, stop in shares(total, batch, world) for row in range(start, stop)]
+        assert covered == list(range(total))
+
+
 @pytest.mark.parametrize("target", [SparsityTarget(0.5), SparsityTarget(0.3), SparsityTarget(0.5, 2, 4)])
 def test_sparsegpt_group_equals_layer_by_layer(target):
     """Stacking q/k/v (shared H⁻¹, one column loop) gives the same result as one layer at a time."""

@@ -532,6 +532,7 @@ def test_run_carried_without_text_continues_elsewhere(tmp_path, tiny_chat_dir, s
     with pytest.raises(KeyboardInterrupt):
         run_study(config, tmp_path / "first", log=lambda m: None, loader=load_model, judges=[Stop()])
     assert export_carry(tmp_path / "first", tmp_path / "carry") == 10
+    assert not (tmp_path / "carry" / "results.json").exists()  # a stopped run has no results to carry
     carried = gzip.decompress((tmp_path / "carry" / "verdicts.jsonl.gz").read_bytes()).decode()
     first = [json.loads(line) for line in (tmp_path / "first" / "responses.jsonl").read_text().splitlines()]
     assert all(r["prompt"] not in carried and (not r["response"] or r["response"] not in carried) for r in first)
@@ -542,6 +543,9 @@ def test_run_carried_without_text_continues_elsewhere(tmp_path, tiny_chat_dir, s
     assert "dense: complete on disk, skipped" in logs
     assert any("generating 6 answers (2 already on disk" in m for m in logs)
     assert results["counts"]["complete"] and results["summary"] == whole["summary"]
+    export_carry(tmp_path / "second", tmp_path / "carry")  # complete: its results and report travel as its record
+    assert (tmp_path / "carry" / "results.json").read_bytes() == (tmp_path / "second" / "results.json").read_bytes()
+    assert (tmp_path / "carry" / "report.md").read_text() == (tmp_path / "second" / "report.md").read_text()
     with pytest.raises(PrunekitError, match="carried from another machine without their text"):
         resummarize(tmp_path / "second", judges=[judges.PrefixJudge()])
 

@@ -113,7 +113,7 @@ class Engine:
             ids = current.calibration if current.calibration is not None else calibration_ids
             if ids is None:
                 raise ValueError(f"the {current.kind} pass needs calibration data")
-            ids = ids[self.reducer.rows(ids.shape[0])]
+            ids = ids[self.reducer.rows(ids.shape[0], self.options.batch_size)]
             self._block_calls(ids.shape[1])
             store = self.activations = self._activations(k, progress, ids)
         writes = self.sinks is not None and current.writes_blocks and self.reducer.rank == 0  # one writer

@@ -65,7 +65,7 @@ class BlockContext:
     batch_size: int
     device: torch.device
     compute_dtype: torch.dtype
-    reduce: Callable[[list[Statistic]], None]
+    reduce: Callable[..., None]
     #: False on data-parallel ranks other than 0: they receive the decision instead of taking it
     decides: bool = True
     #: send these tensors from the deciding rank to every other (in place); nothing to do in one process
@@ -79,7 +79,8 @@ class BlockContext:
         assert self.call is not None
         return _first_output(self.block(batch, *self.call.args, **self.call.kwargs))
 
-    def gather(self, observed: dict[Any, tuple[str, nn.Module, Statistic]], *, update_outputs: bool) -> None:
+    def gather(self, observed: dict[Any, tuple[str, nn.Module, Statistic]], *, update_outputs: bool,
+               only_deciding_rank: bool = False) -> None:
         """One batched forward of the block with each observed linear's input (name relative to the block,
         module, statistic) fed to its statistic.
 
@@ -108,7 +109,7 @@ class BlockContext:
         finally:
             for handle in handles:
                 handle.remove()
-        self.reduce([statistic for _name, _module, statistic in entries])
+        self.reduce([statistic for _name, _module, statistic in entries], only_rank0=only_deciding_rank)
 
     def propagate(self) -> None:
         """Run the block (as it now is) on every row; its outputs become the next block's inputs."""
@@ -195,12 +196,13 @@ class SequentialPass:
                 stats[group] = self.method.statistic(weight_matrix(first).shape[1], device=ctx.device)
                 observed[group] = (first_name, first, stats[group])
             keep = self.propagate == "dense" and not ctx.is_last
-            ctx.gather(observed, update_outputs=keep)
+            # rank 0 alone decides for a method that updates weights (below): only it needs the sums
+            ctx.gather(observed, update_outputs=keep, only_deciding_rank=self.method.updates_weights)
             timings["statistics"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        # Data-parallel ranks hold the same all-reduced statistics. A mask-only method decides identically on every
-        # rank (nothing to send); a method that updates weights decides on rank 0 and its weights are broadcast,
-        # since OBS-style updates on GPUs are not bitwise reproducible across devices.
+        # A mask-only method decides identically on every rank from the same all-reduced statistics (nothing to
+        # send); a method that updates weights decides on rank 0, which alone received the summed statistics, and
+        # its weights are broadcast, since OBS-style updates on GPUs are not bitwise reproducible across devices.
         broadcast = self.method.updates_weights
         if ctx.decides or not broadcast:
             for group, modules in wanted:

@@ -67,8 +67,11 @@ def _lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @contextmanager
 def _one_thread():
-    """The column loop is thousands of small ops: threading them gains little, and on a busy machine
-    every op then waits for a descheduled worker thread (seen here: 10x slower). One thread is steady."""
+    """The solve runs on one thread. The column loop is thousands of small ops: threading them gains little, and
+    on a busy machine every op then waits for a descheduled worker thread (seen here: 10x slower). And the
+    Cholesky factors and trailing updates of a multi-threaded BLAS change in the last bits with the thread count,
+    which SparseGPT's choices amplify block after block: one thread gives the same bits in a 2-thread process
+    and in each 1-thread rank of a torchrun."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -93,6 +96,7 @@ def _obs_columns(block: torch.Tensor, block_mask: torch.Tensor, block_hinv: torc
         errors[:, i] = error
 
 
+@_one_thread()
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -135,8 +139,7 @@ def sparsegpt_prune(
                 k = round(target.sparsity * seg_rows * end) - round(target.sparsity * seg_rows * start)
                 block_mask[first : first + seg_rows] = _lowest_k(scores[first : first + seg_rows], k)
                 first += seg_rows
-        with _one_thread():
-            _obs_columns(block, block_mask, block_hinv, diag, errors, target)
+        _obs_columns(block, block_mask, block_hinv, diag, errors, target)
         weight[:, start:end] = block
         mask[:, start:end] = block_mask
         weight[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1.0)

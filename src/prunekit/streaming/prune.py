@@ -228,7 +228,7 @@ def prune_files(request: StreamRequest, *, overwrite: bool = False, resume: bool
                       "memory_plan": memory.describe(), "estimate_s": estimate, "io": result.io,
                       "resumed": bool(result.resumed_at), "resumed_at": result.resumed_at},
         "distributed": {"world_size": reducer.world_size, "backend": backend_name(reducer),
-                        "bytes_all_reduced": result.io["bytes_reduced"], "bytes_broadcast": result.io["bytes_shared"]},
+                        "bytes_reduced": result.io["bytes_reduced"], "bytes_broadcast": result.io["bytes_shared"]},
         "memory": peak_memory(),
         "versions": versions(),
     }
