@@ -1,6 +1,6 @@
 """`prunekit eval` beyond perplexity: zero-shot tasks and divergence from a dense reference, in one summary.
 
-Kept out of cli.py so the sweep and the tests drive the same code. The dense reference is loaded and
+Kept out of the CLI so the sweep and the tests drive the same code. The dense reference is loaded and
 run first, its log-probs cached on disk and the model freed; only then is the evaluated model loaded.
 """
 

@@ -1,0 +1,5 @@
+"""`python -m prunekit.cli ...`, as `prunekit ...`."""
+
+from prunekit.cli import main
+
+main()
