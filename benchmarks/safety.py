@@ -74,7 +74,7 @@ def _device(requested: str | None) -> str:
 
 
 def _config(name: str, args: argparse.Namespace, templates: list[str], layers: str) -> Any:
-    from prunekit.safety.run import SafetyConfig
+    from prunekit.safety.config import SafetyConfig
 
     return SafetyConfig(
         model=name, tasks=str(SAFETY / "integrated.yaml"), benign=str(SAFETY / "benign_integrated.yaml"),

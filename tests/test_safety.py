@@ -14,8 +14,9 @@ from prunekit.errors import PrunekitError
 from prunekit.files import MARKER
 from prunekit.safety import data, judges, stats
 from prunekit.safety.analysis import attention_to_span, prompt_perplexities
+from prunekit.safety.config import SafetyConfig
 from prunekit.safety.generate import encode, format_message, generate, resolve_mode
-from prunekit.safety.run import SafetyConfig, resummarize, run_study
+from prunekit.safety.run import resummarize, run_study
 from prunekit.safety.summary import summarize_records
 from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
 

@@ -56,7 +56,8 @@ def safety(
 ) -> None:
     """Jailbreak resistance dense vs pruned: refusal rates with intervals, McNemar, plot. Prompts and answers
     go to the output folder only. A stopped run continues when the same command is run again."""
-    from prunekit.safety.run import SafetyConfig, parse_list, run_study, run_throughput
+    from prunekit.safety.config import SafetyConfig, parse_list
+    from prunekit.safety.run import run_study, run_throughput
     from prunekit.safety.summary import format_summary
 
     config = SafetyConfig(model=model, tasks=tasks, benign=benign, reference=reference,
