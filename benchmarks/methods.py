@@ -7,8 +7,7 @@ learned (j_learned) and general fiction (k_fiction_general), outside the calibra
 measures one dense forward of the whole model over the calibration set just before pruning: prune
 time is reported as a ratio to it. GBLM's gradient pass runs once (the first gblm row, timed and
 reported on its own) and its cached file serves every gblm row. Rows are kept in the JSON as they
-finish: a rerun skips them (resume), `--only`/`--redo` choose rows. Rows whose method the installed
-prunekit cannot run yet (OWL before `sparsity_allocation` exists) are skipped and reported.
+finish: a rerun skips them (resume), `--only`/`--redo` choose rows.
 
     PRUNEKIT_SHARED_DATA=/work/shared/data python benchmarks/methods.py --only ria-50% alps-50%
     python benchmarks/methods.py --markdown
@@ -17,7 +16,6 @@ prunekit cannot run yet (OWL before `sparsity_allocation` exists) are skipped an
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -47,10 +45,6 @@ CONFIGS = ["dense"] + [f"{label}-{level}" for level in LEVELS for label in METHO
                        if (label, level) not in UNDEFINED]
 
 
-class Skipped(Exception):
-    """This prunekit cannot run the row yet."""
-
-
 def _gradient_file(model, calib, row: dict) -> Path:
     """The cached GBLM gradient norms of these calibration windows; computed (and timed) here when missing."""
     import resource
@@ -71,42 +65,6 @@ def _gradient_file(model, calib, row: dict) -> Path:
     return path
 
 
-def _besa_by_blocks(model, ids, sparsity: float, batch_size: int):
-    """BESA block by block with pruned propagation, for as long as the engine has no block hook."""
-    import torch
-
-    from prunekit.adapters import get_adapter
-    from prunekit.engine.capture import capture_block_calls, capture_block_inputs
-    from prunekit.methods.besa import besa_prune_block
-    from prunekit.pruning import SparsityTarget
-
-    adapter = get_adapter(model)
-    blocks = adapter.blocks()
-    calls = capture_block_calls(model, blocks, ids.shape[1], "cpu")
-    acts = capture_block_inputs(model, blocks, ids, batch_size, "cpu")
-    pruned = total = 0
-    for index, block in enumerate(blocks):
-        call = calls[index]
-
-        def forward(hidden, block=block, call=call):
-            out = block(hidden, *call.args, **call.kwargs)
-            return out[0] if isinstance(out, (tuple, list)) else out
-
-        linears = {n: m for _g, mods in adapter.block_linears(block) for n, m in mods.items()}
-        batches = [acts[i : i + batch_size] for i in range(0, acts.shape[0], batch_size)]
-        masks = besa_prune_block(linears, forward, batches, None, {n: SparsityTarget(sparsity) for n in linears},
-                                 progress=lambda line, i=index: print(f"block {i}: {line}", file=sys.stderr,
-                                                                      flush=True))
-        with torch.no_grad():
-            for name, module in linears.items():
-                module.weight.masked_fill_(masks[name], 0.0)
-                pruned += int(masks[name].sum())
-                total += masks[name].numel()
-            for i in range(0, acts.shape[0], batch_size):
-                acts[i : i + batch_size] = forward(acts[i : i + batch_size])
-    return pruned / total
-
-
 def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows: int | None,
             threads: int) -> dict:
     import resource
@@ -115,7 +73,6 @@ def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows:
 
     from prunekit.api import prune, versions
     from prunekit.data import build_calibration
-    from prunekit.errors import PrunekitError
     from prunekit.evaluation import perplexity
     from prunekit.models import load_model
 
@@ -139,22 +96,14 @@ def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows:
             options["gradients"] = str(_gradient_file(model, calib, row))
         extra = {}
         if allocation is not None:
-            if "sparsity_allocation" not in inspect.signature(prune).parameters:
-                raise Skipped("prunekit.prune has no sparsity_allocation yet (OWL is wired by the engine)")
             extra["sparsity_allocation"] = allocation
         row.update(method=method, refine=refine, allocation=allocation, sparsity=sparsity,
                    pattern=pattern or "unstructured")
         t0, c0 = time.perf_counter(), time.process_time()
-        try:
-            report = prune(model, method=method, refine=refine, sparsity=sparsity, pattern=pattern,
-                           calibration=calib.input_ids, batch_size=batch_size, method_options=options, **extra)
-            row.update(achieved_sparsity=report.overall_sparsity, method_config=report.method,
-                       timings_s=report.engine.timings)
-        except PrunekitError as exc:
-            if method != "besa" or "block hook" not in str(exc):
-                raise
-            row.update(achieved_sparsity=_besa_by_blocks(model, calib.input_ids, sparsity, batch_size),
-                       driver="benchmarks/methods.py block loop (engine block hook pending)")
+        report = prune(model, method=method, refine=refine, sparsity=sparsity, pattern=pattern,
+                       calibration=calib.input_ids, batch_size=batch_size, method_options=options, **extra)
+        row.update(achieved_sparsity=report.overall_sparsity, method_config=report.method,
+                   timings_s=report.engine.timings)
         row["prune_s"] = time.perf_counter() - t0
         row["prune_cpu_s"] = time.process_time() - c0
         row["ratio_to_dense_forward"] = row["prune_s"] / row["dense_forward_s"]
@@ -201,10 +150,7 @@ def main() -> None:
                         help="torch threads per row (1 when another job holds the other core)")
     args = parser.parse_args()
     if args.child:
-        try:
-            row = run_one(args.child, args.nsamples, args.seqlen, args.batch_size, args.max_windows, args.threads)
-        except Skipped as exc:
-            row = {"config": args.child, "skipped": str(exc)}
+        row = run_one(args.child, args.nsamples, args.seqlen, args.batch_size, args.max_windows, args.threads)
         print("RESULT " + json.dumps(row))
         return
     from prunekit.files import atomic_write_json
@@ -228,9 +174,6 @@ def main() -> None:
         print(f"== {name}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         row = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
-        if "skipped" in row:
-            print(f"   skipped: {row['skipped']}", file=sys.stderr)
-            continue
         rows[name] = row
         atomic_write_json(args.out, {"benchmark": "methods", "protocol": __doc__.split("\n\n")[1],
                                      "rows": [rows[c] for c in CONFIGS if c in rows]})
