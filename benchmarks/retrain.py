@@ -112,21 +112,27 @@ def child_row(key: str, budget: dict) -> dict:
             "resumed_at_step": record["resumed_at_step"], "tokens": record["steps"] * record["data"]["tokens_per_step"]}
 
 
+PARAM_LABELS = {"bias+norm": "bias+norm", "+head": "bias+norm+head", "+lora": "bias+norm+head+LoRA"}
+
+
 def table(results: dict) -> str:
+    """Rows grouped by input; gap closed = (before − after) / (before − dense), on SOTU and on Brown."""
     base = results["baselines"]
-    dense = base["dense"]["sotu"]
+    dense = base["dense"]
     lines = ["| input | parameters | trainable | SOTU ppl before → after | gap closed | Brown ppl before → after "
-             "| wall s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|",
-             f"| dense | – | – | {dense:.2f} | – | {base['dense']['brown']:.2f} | – | – |"]
-    for key in ROWS:
-        row = results["rows"].get(key)
-        if row is None:
-            continue
+             "| Brown gap closed | wall s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|",
+             f"| dense | – | – | {dense['sotu']:.2f} | – | {dense['brown']:.2f} | – | – | – |"]
+    rows = [results["rows"][key] for key in ROWS if key in results["rows"]]
+    order = list(dict.fromkeys(row["input"] for row in rows))
+    for row in sorted(rows, key=lambda r: (order.index(r["input"]), list(PARAM_LABELS).index(r["params"]))):
         before = base[row["input"]]
-        gap = (before["sotu"] - row["sotu"]) / (before["sotu"] - dense)
-        lines.append(f"| {row['input']} | {row['params']} | {row['trainable_fraction']:.3%} | {before['sotu']:.2f} → "
-                     f"**{row['sotu']:.2f}** | {gap:.0%} | {before['brown']:.2f} → {row['brown']:.2f} | "
-                     f"{row['retrain_total_s']:.0f} | {row['peak_rss_mib']:.0f} |")
+        gap = {k: (before[k] - row[k]) / (before[k] - dense[k]) for k in ("sotu", "brown")}
+        kind = f" ({row['lora_kind']})" if row.get("lora_kind") else ""
+        resumed = " (resumed)" if row.get("resumed_at_step") else ""
+        lines.append(f"| {row['input']} | {PARAM_LABELS.get(row['params'], row['params'])}{kind} | "
+                     f"{row['trainable_fraction']:.2%} | {before['sotu']:.2f} → **{row['sotu']:.2f}** | "
+                     f"{gap['sotu']:.0%} | {before['brown']:.2f} → {row['brown']:.2f} | {gap['brown']:.0%} | "
+                     f"{row['retrain_total_s']:.0f}{resumed} | {row['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
