@@ -104,6 +104,8 @@ def run_one(name: str, nsamples: int, seqlen: int, batch_size: int, max_windows:
                        calibration=calib.input_ids, batch_size=batch_size, method_options=options, **extra)
         row.update(achieved_sparsity=report.overall_sparsity, method_config=report.method,
                    timings_s=report.engine.timings)
+        if report.allocation is not None:  # OWL: outlier ratios and per-block sparsities
+            row["allocation_detail"] = report.allocation
         row["prune_s"] = time.perf_counter() - t0
         row["prune_cpu_s"] = time.process_time() - c0
         row["ratio_to_dense_forward"] = row["prune_s"] / row["dense_forward_s"]
