@@ -378,9 +378,12 @@ def test_cli_safety_overwrites_only_its_own_output(capsys, tmp_path, tiny_chat_d
     assert code == 0, err
     assert (out / MARKER).is_file() and json.loads((out / "run.json").read_text())["state"] == "complete"
     before = (out / "responses.jsonl").read_bytes()
+    provenance = json.loads((out / "results.json").read_text())["provenance"]
+    assert provenance and all(provenance.values())
     code, _, err = run(capsys, *args, "--out", out)  # the same command again: nothing left to do
     assert code == 0, err
     assert "complete on disk" in err and (out / "responses.jsonl").read_bytes() == before
+    assert json.loads((out / "results.json").read_text())["provenance"] == provenance  # kept, not dropped
     code, _, err = run(capsys, *args, "--out", out, "--overwrite")
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "run", "sweep"]  # nothing left beside

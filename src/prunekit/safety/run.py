@@ -274,7 +274,10 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
             loaded_cache[spec] = item
         return loaded_cache[spec]
 
-    provenance: dict[str, Any] = {}
+    # a variant skipped as complete keeps the provenance recorded when it was generated
+    earlier = out / "results.json"
+    provenance: dict[str, Any] = dict(json.loads(earlier.read_text(encoding="utf-8")).get("provenance") or {}
+                                      if earlier.is_file() else {})
     for name, target in plan:
         folder = out / "variants" / name
         info_path = folder / "info.json"
@@ -283,6 +286,7 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         wants = (config.analyses and "analyses" not in info) or (config.ppl_source and "perplexity" not in info)
         if not missing and not wants and info:
             log(f"{name}: complete on disk, skipped")
+            provenance.setdefault(name, info.get("provenance", {}))
             continue
         spec = config.reference if name == "reference" else config.model
         loaded = dense_model(spec)
@@ -297,7 +301,8 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         session = generate_variant(name, sparsity, model, loaded.tokenizer, prompts, done, config, judge_list,
                                    responses, log)
         info.setdefault("sessions", []).append(session)
-        info.update(sparsity=sparsity, format=resolve_mode(loaded.tokenizer, config.prompt_format))  # type: ignore[arg-type]
+        info.update(sparsity=sparsity, format=resolve_mode(loaded.tokenizer, config.prompt_format),  # type: ignore[arg-type]
+                    provenance=provenance[name])
         variant_measurements(model, loaded.tokenizer, harmful, tasks, config, info)
         atomic_write_json(info_path, info, indent=None)
         if model is not loaded.model:
