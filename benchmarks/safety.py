@@ -275,6 +275,10 @@ def main() -> None:
             print(f"{name}: old {study['old']['prompts_per_s']:.2f} prompts/s, new {study['new']['prompts_per_s']:.2f} "
                   f"prompts/s, x{study['speedup']:.2f}; identical {study['identical_answers']}/{study['prompts']}, "
                   f"verdicts agree {study['verdicts_agree']}/{study['prompts']}; wrote {path}")
+            for layout, other in study["other_layouts"].items():
+                print(f"{name}: new path on the {layout} layout {other['prompts_per_s']:.2f} prompts/s (the "
+                      f"{study['new']['layout']} layout x{other['new_speedup']:.2f}, same tokens: "
+                      f"{other['identical_to_new']})")
         return
     if args.max_new_tokens_study:
         study = [max_new_tokens_study(name, args) for name in args.models]

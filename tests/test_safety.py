@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunekit.errors import PrunekitError
 from prunekit.files import MARKER
@@ -423,7 +424,7 @@ def _templated_ids(tokenizer, n_tasks=6, seed=5):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_shared_prefix_path_gives_the_plain_tokens(tokenizer, family):
-    from prunekit.safety.generate import common_prefix_length, generate_fast
+    from prunekit.safety.decode import common_prefix_length, generate_fast
 
     model = build(family, vocab=len(tokenizer), max_positions=256)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -436,6 +437,19 @@ def test_shared_prefix_path_gives_the_plain_tokens(tokenizer, family):
     fast = generate_fast(model, tokenizer, ids, max_new_tokens=10, batch_size=4, groups=[list(range(len(ids)))])
     assert fast.token_ids == plain.token_ids and fast.texts == plain.texts
     assert fast.extra["mean_prefix_tokens"] == p
+    # Llama and Qwen2 read one copy of the prefix (shared-prefix attention); the replicated static and the dynamic
+    # layouts give the same tokens; sliding-window models decode on the dynamic cache only
+    from prunekit.safety.decode import choose_layout
+
+    expected = "dynamic" if family == "gemma3" else "shared-prefix"
+    assert choose_layout(model) == expected and fast.extra["layout"] == expected
+    for layout in ("static", "dynamic") if family != "gemma3" else ():
+        other = generate_fast(model, tokenizer, ids, max_new_tokens=10, batch_size=4, layout=layout)
+        assert other.token_ids == plain.token_ids and other.extra["layout"] == layout
+    if family == "gemma3":
+        with pytest.raises(PrunekitError, match="'static' needs full attention"):
+            choose_layout(model, "static")
+    assert model.config._attn_implementation == "sdpa"  # restored after every batch
     # a row that ends early leaves the batch; the others must not notice
     target = plain.token_ids[2][3]
 
@@ -687,3 +701,42 @@ def test_plain_and_prefix_paths_store_the_same_answers(tmp_path, tiny_chat_dir, 
         records = [json.loads(line) for line in (tmp_path / path / "responses.jsonl").read_text().splitlines()]
         answers[path] = {(r["template"], r["task_id"]): (r["response"], r["new_tokens"]) for r in records}
     assert len(answers["plain"]) == 8 and answers["plain"] == answers["prefix"]
+
+
+def test_shared_prefix_attention_equals_attention_over_the_concatenation():
+    """The split softmax (one prefix copy for the batch + each row's own keys) against plain attention over
+    [prefix; own] with the kv heads repeated, a padding mask and a causal own part."""
+    from prunekit.safety.prefix_attention import SharedPrefix, shared_prefix_attention
+
+    gen = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, q, p, own, d = 3, 6, 2, 4, 7, 9, 8
+    query = torch.randn(b, heads, q, d, generator=gen)
+    key, value = torch.randn(b, kv_heads, own, d, generator=gen), torch.randn(b, kv_heads, own, d, generator=gen)
+    prefix_k, prefix_v = torch.randn(1, kv_heads, p, d, generator=gen), torch.randn(1, kv_heads, p, d, generator=gen)
+    allowed = torch.ones(b, 1, q, own, dtype=torch.bool)
+    allowed[0, :, :, :3] = False  # row 0 is left-padded by 3
+    allowed[:, :, torch.arange(q)[:, None] < torch.arange(own)[None, :] - (own - q)] = False  # causal
+    additive = torch.zeros(b, 1, q, own).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    layer = type("Layer", (), {"keys": prefix_k, "values": prefix_v})()
+    shared = SharedPrefix(type("Cache", (), {"layers": [layer]})())
+    out, _ = shared_prefix_attention(type("M", (), {"layer_idx": 0})(), query, key, value, additive,
+                                     scaling=0.3, shared_prefix=shared)
+    group = heads // kv_heads
+    full_k = torch.cat([prefix_k.expand(b, -1, -1, -1), key], dim=2).repeat_interleave(group, dim=1)
+    full_v = torch.cat([prefix_v.expand(b, -1, -1, -1), value], dim=2).repeat_interleave(group, dim=1)
+    scores = query @ full_k.transpose(2, 3) * 0.3
+    scores[..., p:] = scores[..., p:].masked_fill(~allowed, float("-inf"))
+    expected = (scores.softmax(-1) @ full_v).transpose(1, 2)
+    assert out.shape == (b, q, heads, d) and shared.calls == 1 and len(shared) == p
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_decode_layout_errors(tokenizer):
+    from prunekit.safety.decode import choose_layout
+
+    model = build("opt", vocab=len(tokenizer), max_positions=64)
+    assert choose_layout(model) == "static"  # a full-attention family without the shared-prefix attention
+    with pytest.raises(PrunekitError, match="unknown KV-cache layout 'paged'; accepted: auto, shared-prefix"):
+        choose_layout(model, "paged")
+    with pytest.raises(PrunekitError, match="'shared-prefix' needs a full-attention model of the families llama"):
+        choose_layout(model, "shared-prefix")

@@ -5,22 +5,14 @@ chat template (`apply_chat_template`); base models get a plain ``User: ... Assis
 greedy (the verdict must not depend on a sampling seed), batched with LEFT padding so that every row's last
 prompt token sits at the same position and the KV cache is shared by the batch.
 
-Two decoders give the same tokens:
-
-* `generate` — the plain path: `model.generate` on whole prompts (kept as the reference and for comparison);
-* `decode_batches` — the fast path of a study: the prompts of one template share the chat header and the
-  template text before the task (hundreds of tokens), so their common token prefix is encoded ONCE and its
-  keys/values are copied into every batch; only each task's own tokens are encoded per row. The padding of
-  the rows' suffixes then sits between the prefix and the suffix, masked, with explicit position ids, which
-  is the same computation as encoding each prompt alone. A row leaves the batch (its cache rows dropped) as
-  soon as it ends — at a stop token, or when a `stop` callback says its verdict can no longer change.
+Two decoders give the same tokens: `generate` here — `model.generate` on whole prompts (kept as the reference
+and for comparison) — and the fast path of a study, `prunekit.safety.decode.decode_batches`.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +24,7 @@ Mode = Literal["chat", "plain", "auto"]
 PLAIN_TEMPLATE = "User: {message}\nAssistant:"
 
 
-def _decoding_setup(model: Any, tokenizer: Any, max_new_tokens: int, batch_size: int) -> tuple[Any, int, set[int]]:
+def decoding_setup(model: Any, tokenizer: Any, max_new_tokens: int, batch_size: int) -> tuple[Any, int, set[int]]:
     """The checks and constants both decoders share: device, padding id and stop ids."""
     if max_new_tokens < 1:
         raise PrunekitError(f"--max-new-tokens {max_new_tokens} must be at least 1")
@@ -174,7 +166,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_ne
     Prompts are sorted by length inside the call (less padding) and the answers returned in input order.
     Decoding stops at the model's end-of-turn / EOS tokens; the stop token is not part of the answer.
     """
-    device, pad_id, stops = _decoding_setup(model, tokenizer, max_new_tokens, batch_size)
+    device, pad_id, stops = decoding_setup(model, tokenizer, max_new_tokens, batch_size)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if sort_by_length else list(range(len(prompts)))
     results: list[list[int]] = [[] for _ in prompts]
     started = time.perf_counter()
@@ -194,165 +186,3 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], *, max_ne
     seconds = time.perf_counter() - started
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in results]
     return Generation(texts, results, seconds, batch_size, max_new_tokens)
-
-
-# --------------------------------------------------------------------------------------------------
-# the fast path: shared-prefix KV cache, rows leave the batch when done
-
-
-#: `stop(answer_so_far)` → a reason to stop (the verdict can no longer change) or None to go on.
-StopRule = Callable[[str], str | None]
-
-
-@dataclass
-class Batch:
-    """One finished batch of `decode_batches`: which prompts, their new tokens, why each ended, the cost."""
-
-    indices: list[int]
-    token_ids: list[list[int]]
-    ended: list[str]  # "eos", "length" or "verdict"
-    reasons: list[str | None]  # for "verdict": what fixed it (from the stop rule)
-    seconds: float
-    prefix_tokens: int
-
-
-def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by all rows, leaving every row at least one own token
-    (the last prompt token must be fed to produce the first answer token)."""
-    if not rows:
-        return 0
-    first, limit = rows[0], min(len(r) for r in rows) - 1
-    n = 0
-    while n < limit and all(r[n] == first[n] for r in rows):
-        n += 1
-    return max(n, 0)
-
-
-def has_sliding_window(model: Any) -> bool:
-    """Whether some layer attends to a sliding window of cache slots (Gemma 3, Mistral-style). The padding that
-    the shared-prefix path puts between prefix and suffix would shift such a window, so these models decode
-    without a shared prefix (still batched, rows still leave when done): the same tokens, less saving."""
-    config = getattr(model, "config", None)
-    types = getattr(config, "layer_types", None) or []
-    return any("sliding" in str(t) for t in types) or bool(getattr(config, "use_sliding_window", False))
-
-
-def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
-    """transformers 5 names the KV-cache argument `cache` (`past_key_values` is deprecated); older: the latter."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache}
-
-
-def _prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> Any:
-    """Keys/values of the shared prefix (batch of one), computed once and copied for every batch."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    if prefix:
-        ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-        model(input_ids=ids, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
-    return cache
-
-
-@torch.inference_mode()
-def decode_batches(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                   batch_size: int = 16, groups: Sequence[Sequence[int]] | None = None,
-                   stop: StopRule | None = None) -> Iterator[Batch]:
-    """Greedy answers, one finished batch at a time (so a caller can store each batch before the next).
-
-    `groups` lists prompt indices that share a prefix (one group per template); each group's common token
-    prefix is encoded once. Inside a group the rows are sorted by length (less padding). Without groups all
-    prompts form one group. `stop` is asked after every new token of a row; when it returns a reason the row
-    ends there (ended = "verdict").
-    """
-    device, pad_id, stops = _decoding_setup(model, tokenizer, max_new_tokens, batch_size)
-    for group in (groups if groups is not None else [list(range(len(prompts)))]):
-        if not group:
-            continue
-        p = 0 if has_sliding_window(model) else common_prefix_length([prompts[i] for i in group])
-        base = _prefix_cache(model, prompts[group[0]][:p], device)
-        order = sorted(group, key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            started = time.perf_counter()
-            tokens, ended, reasons = _decode_chunk(model, tokenizer, [prompts[i][p:] for i in chunk], base, p,
-                                                   max_new_tokens, pad_id, stops, stop, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            yield Batch(chunk, tokens, ended, reasons, time.perf_counter() - started, p)
-
-
-def _decode_chunk(model: Any, tokenizer: Any, suffixes: list[Sequence[int]], base: Any, p: int,
-                  max_new_tokens: int, pad_id: int, stops: set[int], stop: StopRule | None,
-                  device: torch.device) -> tuple[list[list[int]], list[str], list[str | None]]:
-    """Greedy decoding of one batch on a copy of the prefix cache; finished rows leave the batch."""
-    b = len(suffixes)
-    cache = copy.deepcopy(base)
-    if p:
-        cache.batch_repeat_interleave(b)
-    ids, suffix_mask = left_pad(suffixes, pad_id)
-    width = ids.shape[1]
-    lengths = torch.tensor([len(s) for s in suffixes])
-    # real suffix tokens continue the prefix's positions; the left padding (masked) gets any valid position
-    positions = (p + torch.arange(width).unsqueeze(0) - (width - lengths).unsqueeze(1)).clamp(min=p)
-    mask = torch.cat([torch.ones((b, p), dtype=torch.long), suffix_mask], dim=1).to(device)
-    out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
-    next_pos = (p + lengths).to(device)
-    tokens: list[list[int]] = [[] for _ in range(b)]
-    ended: list[str] = ["length"] * b
-    reasons: list[str | None] = [None] * b
-    alive = list(range(b))  # batch row → original row
-    logits = out.logits[:, -1, :]
-    for _ in range(max_new_tokens):
-        chosen = logits.argmax(dim=-1)
-        keep = []
-        for row, token in enumerate(chosen.tolist()):
-            i = alive[row]
-            if token in stops:
-                ended[i] = "eos"
-                continue
-            tokens[i].append(token)
-            if stop is not None:
-                reason = stop(tokenizer.decode(tokens[i], skip_special_tokens=True))
-                if reason is not None:
-                    ended[i], reasons[i] = "verdict", reason
-                    continue
-            keep.append(row)
-        if len(keep) < len(alive):
-            if not keep:
-                break
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, next_pos, chosen = mask[index], next_pos[index], chosen[index]
-            alive = [alive[r] for r in keep]
-        if all(len(tokens[i]) >= max_new_tokens for i in alive):
-            break
-        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=chosen.unsqueeze(1), attention_mask=mask, position_ids=next_pos.unsqueeze(1),
-                    use_cache=True, **_cache_kwarg(model, cache))
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1, :]
-    return tokens, ended, reasons
-
-
-def generate_fast(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-                  batch_size: int = 16, groups: Sequence[Sequence[int]] | None = None,
-                  stop: StopRule | None = None) -> Generation:
-    """`decode_batches` collected in prompt order, with the same `Generation` record as the plain path."""
-    results: list[list[int]] = [[] for _ in prompts]
-    ended: list[str] = [""] * len(prompts)
-    seconds = 0.0
-    prefix: list[int] = []
-    for batch in decode_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                groups=groups, stop=stop):
-        seconds += batch.seconds
-        prefix.append(batch.prefix_tokens)
-        for i, toks, end in zip(batch.indices, batch.token_ids, batch.ended, strict=True):
-            results[i], ended[i] = toks, end
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in results]
-    extra = {"path": "prefix-cache", "ended": {k: ended.count(k) for k in ("eos", "length", "verdict")},
-             "mean_prefix_tokens": sum(prefix) / len(prefix) if prefix else 0.0}
-    return Generation(texts, results, seconds, batch_size, max_new_tokens, extra)

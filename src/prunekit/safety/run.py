@@ -55,7 +55,8 @@ from prunekit.safety.data import (
     select_templates,
     subset,
 )
-from prunekit.safety.generate import Encoded, decode_batches, encode, generate, resolve_mode
+from prunekit.safety.decode import Batch, decode_batches
+from prunekit.safety.generate import Encoded, encode, generate, resolve_mode
 from prunekit.safety.judges import Judge, PrefixJudge, apply_judges, stop_rule, write_records
 from prunekit.safety.state import IDENTITY_FIELDS, load_pruned, mark_state, prepare_run_dir, save_pruned
 from prunekit.safety.summary import (
@@ -114,7 +115,7 @@ def generate_variant(name: str, sparsity: float, model: Any, tokenizer: Any, pro
             kind, prompt = todo[i]
             record = {"variant": name, "sparsity": sparsity, "set": kind, **prompt.meta(), "prompt": prompt.text,
                       "response": tokenizer.decode(token_ids, skip_special_tokens=True),
-                      "new_tokens": len(token_ids), "ended": ended,
+                      "new_tokens": len(token_ids), "ended": ended, "decoding": batch.layout,
                       "seconds": batch.seconds / len(batch.indices)}
             if ended == "verdict":
                 record["cut"] = f"answer cut after {len(token_ids)} tokens: {reason}"
@@ -139,8 +140,6 @@ def _batches(model: Any, tokenizer: Any, ids: list[list[int]], groups: list[list
         yield from decode_batches(model, tokenizer, ids, max_new_tokens=config.max_new_tokens,
                                   batch_size=config.batch_size, groups=groups, stop=stop)
         return
-    from prunekit.safety.generate import Batch
-
     for group in groups:
         order = sorted(group, key=lambda i: len(ids[i]))
         for start in range(0, len(order), config.batch_size):
@@ -148,7 +147,7 @@ def _batches(model: Any, tokenizer: Any, ids: list[list[int]], groups: list[list
             gen = generate(model, tokenizer, [ids[i] for i in chunk], max_new_tokens=config.max_new_tokens,
                            batch_size=config.batch_size)
             ended = ["length" if len(t) >= config.max_new_tokens else "eos" for t in gen.token_ids]
-            yield Batch(chunk, gen.token_ids, ended, [None] * len(chunk), gen.seconds, 0)
+            yield Batch(chunk, gen.token_ids, ended, [None] * len(chunk), gen.seconds, 0, "model.generate")
 
 
 def variant_measurements(model: Any, tokenizer: Any, harmful: Sequence[Prompt], tasks: Sequence[Task],

@@ -2,9 +2,10 @@
 
 Old: `generate` — `model.generate` on whole prompts, batches of the length-sorted prompt list (what a study
 ran before the shared-prefix cache). New: `generate_fast` — one shared prefix per template, rows sorted by
-length inside their template, rows leave the batch when they end, and (with the prefix judge) an answer stops
-once it holds a refusal phrase. Both run in one process on one model, new path first and then old (a warm-up
-batch on each before timing), so the ratio is what the machine gives right now.
+length inside their template, rows leave the batch when they end, (with the prefix judge) an answer stops
+once it holds a refusal phrase, and the fastest KV-cache layout the model allows (`prunekit.safety.decode`);
+that path is timed again on the other layouts, to show what each buys. All run in one process on one model,
+new path first and then old (a warm-up batch on each before timing), so the ratio is what the machine gives now.
 
 The tokens are compared: an uncut answer of the new path must equal the old one; a cut answer must be a prefix
 of it, and the prefix judge's verdicts on both must agree. Only counts are written, never the text.
@@ -20,7 +21,8 @@ from typing import Any
 import torch
 
 from prunekit.safety.data import build_prompts, load_suite, select_templates, subset
-from prunekit.safety.generate import encode, generate, generate_fast, resolve_mode
+from prunekit.safety.decode import generate_fast, static_cache_fits
+from prunekit.safety.generate import encode, generate, resolve_mode
 from prunekit.safety.judges import PrefixJudge, stop_rule
 
 
@@ -47,6 +49,16 @@ def throughput_study(loaded: Any, config: Any, log: Callable[[str], None]) -> di
     new = generate_fast(model, tokenizer, ids, groups=list(groups.values()), stop=stop,
                         max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     log(f"new path: {new.prompts_per_second:.2f} prompts/s ({time.perf_counter() - started:.0f}s)")
+    others: dict[str, Any] = {}
+    for layout in ("static", "dynamic"):  # the same path on the other KV-cache layouts: what each one buys
+        if layout == new.extra["layout"] or (layout == "static" and not static_cache_fits(model)):
+            continue
+        started = time.perf_counter()
+        others[layout] = generate_fast(model, tokenizer, ids, groups=list(groups.values()), stop=stop,
+                                       max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                                       layout=layout)
+        log(f"new path, {layout} layout: {others[layout].prompts_per_second:.2f} prompts/s "
+            f"({time.perf_counter() - started:.0f}s)")
     started = time.perf_counter()
     old = generate(model, tokenizer, ids, max_new_tokens=config.max_new_tokens, batch_size=old_batch)
     log(f"old path: {old.prompts_per_second:.2f} prompts/s ({time.perf_counter() - started:.0f}s)")
@@ -65,8 +77,12 @@ def throughput_study(loaded: Any, config: Any, log: Callable[[str], None]) -> di
         "device": str(config.device),
         "stop_early": config.stop_early,
         "old": {"path": "model.generate on whole prompts", **old.describe()},
-        "new": {**new.describe(), "path": "shared-prefix KV cache" + (", stop at final verdict" if stop else "")},
+        "new": {**new.describe(), "path": f"shared prefix ({new.extra['layout']} layout)"
+                + (", stop at final verdict" if stop else "")},
         "speedup": new.prompts_per_second / old.prompts_per_second,
+        "other_layouts": {layout: {**g.describe(), "identical_to_new": g.token_ids == new.token_ids,
+                                   "new_speedup": new.prompts_per_second / g.prompts_per_second}
+                          for layout, g in others.items()},
         "identical_answers": same, "new_is_prefix_of_old": prefix_ok, "cut_answers": cut,
         "verdicts_agree": sum(a == b for a, b in zip(v_old, v_new, strict=True)),
         "refusals_old": sum(bool(v) for v in v_old), "refusals_new": sum(bool(v) for v in v_new),
