@@ -45,20 +45,19 @@ def throughput_study(loaded: Any, config: Any, log: Callable[[str], None]) -> di
     warm = ids[: min(2, len(ids))]
     generate_fast(model, tokenizer, warm, max_new_tokens=4, batch_size=2)
     generate(model, tokenizer, warm, max_new_tokens=4, batch_size=2)
-    started = time.perf_counter()
-    new = generate_fast(model, tokenizer, ids, groups=list(groups.values()), stop=stop,
-                        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
-    log(f"new path: {new.prompts_per_second:.2f} prompts/s ({time.perf_counter() - started:.0f}s)")
-    others: dict[str, Any] = {}
-    for layout in ("static", "dynamic"):  # the same path on the other KV-cache layouts: what each one buys
-        if layout == new.extra["layout"] or (layout == "static" and not static_cache_fits(model)):
-            continue
+
+    def fast(layout: str) -> Any:
         started = time.perf_counter()
-        others[layout] = generate_fast(model, tokenizer, ids, groups=list(groups.values()), stop=stop,
-                                       max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                                       layout=layout)
-        log(f"new path, {layout} layout: {others[layout].prompts_per_second:.2f} prompts/s "
+        out = generate_fast(model, tokenizer, ids, groups=list(groups.values()), stop=stop, layout=layout,
+                            max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+        log(f"new path, {out.extra['layout']} layout: {out.prompts_per_second:.2f} prompts/s "
             f"({time.perf_counter() - started:.0f}s)")
+        return out
+
+    new = fast("auto")
+    # the same path on the other KV-cache layouts: what each one buys
+    others = {layout: fast(layout) for layout in ("static", "dynamic")
+              if layout != new.extra["layout"] and (layout == "dynamic" or static_cache_fits(model))}
     started = time.perf_counter()
     old = generate(model, tokenizer, ids, max_new_tokens=config.max_new_tokens, batch_size=old_batch)
     log(f"old path: {old.prompts_per_second:.2f} prompts/s ({time.perf_counter() - started:.0f}s)")
