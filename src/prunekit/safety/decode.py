@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -125,13 +125,12 @@ def prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> Any
 @dataclass
 class ChunkCache:
     """A batch's KV cache and how to address it: `first_slot` is the cache slot of the rows' first own token
-    (the prefix length when the prefix sits in every row, 0 when it is shared), `forward` the extra keywords of
-    every forward call."""
+    (the prefix length when the prefix sits in every row, 0 when it is `shared`)."""
 
     cache: Any
     layout: Layout
     first_slot: int
-    forward: dict[str, Any] = field(default_factory=dict)
+    shared: prefix_attention.SharedPrefix | None = None
 
 
 def chunk_cache(model: Any, base: Any, p: int, rows: int, own: int, layout: Layout) -> ChunkCache:
@@ -141,7 +140,7 @@ def chunk_cache(model: Any, base: Any, p: int, rows: int, own: int, layout: Layo
     if layout == "shared-prefix" and p:
         shared = prefix_attention.SharedPrefix(base)
         cache = StaticCache(config=model.config, max_cache_len=own)
-        return ChunkCache(cache, layout, 0, {"cache_position": None, "shared_prefix": shared})
+        return ChunkCache(cache, layout, 0, shared)
     if layout in ("static", "shared-prefix"):
         cache = StaticCache(config=model.config, max_cache_len=p + own)
         for layer, prefix in zip(cache.layers, base.layers if p else [], strict=False):
@@ -150,7 +149,7 @@ def chunk_cache(model: Any, base: Any, p: int, rows: int, own: int, layout: Layo
             layer.keys[:, :, :p] = keys
             layer.values[:, :, :p] = values
             layer.cumulative_length.fill_(p)
-        return ChunkCache(cache, "static", p, {"cache_position": None})
+        return ChunkCache(cache, "static", p)
     cache = copy.deepcopy(base)
     if p:
         cache.batch_repeat_interleave(rows)
@@ -249,18 +248,17 @@ def _decode_chunk(model: Any, tokenizer: Any, suffixes: list[Sequence[int]], kv:
     slot = kv.first_slot  # the cache slot of the next fed token (the same for every row: left padding)
 
     def forward(input_ids: torch.Tensor, position_ids: torch.Tensor, **extra: Any) -> torch.Tensor:
-        kwargs = dict(kv.forward)
-        if "cache_position" in kwargs:
+        kwargs: dict[str, Any] = {} if kv.shared is None else {"shared_prefix": kv.shared}
+        if kv.layout != "dynamic":  # static caches are written at explicit slots
             kwargs["cache_position"] = torch.arange(slot, slot + input_ids.shape[1], device=device)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                     **extra, **kwargs, **_cache_kwarg(model, kv.cache))
         return out.logits[:, -1, :]
 
     logits = forward(ids.to(device), positions.to(device), logits_to_keep=1)
-    shared = kv.forward.get("shared_prefix")
-    if shared is not None and shared.calls != model.config.num_hidden_layers:
+    if kv.shared is not None and kv.shared.calls != model.config.num_hidden_layers:
         raise PrunekitError(f"{type(model).__name__} bypassed the shared-prefix attention "
-                            f"({shared.calls} of {model.config.num_hidden_layers} layers); use layout static")
+                            f"({kv.shared.calls} of {model.config.num_hidden_layers} layers); use layout static")
     next_pos, slot = (p + lengths).to(device), slot + width
     tokens: list[list[int]] = [[] for _ in range(b)]
     ended: list[str] = ["length"] * b
