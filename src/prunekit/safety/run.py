@@ -277,6 +277,7 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
     earlier = out / "results.json"
     provenance: dict[str, Any] = dict(json.loads(earlier.read_text(encoding="utf-8")).get("provenance") or {}
                                       if earlier.is_file() else {})
+    changed = False
     for name, target in plan:
         folder = out / "variants" / name
         info_path = folder / "info.json"
@@ -285,8 +286,10 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         wants = (config.analyses and "analyses" not in info) or (config.ppl_source and "perplexity" not in info)
         if not missing and not wants and info:
             log(f"{name}: complete on disk, skipped")
-            provenance.setdefault(name, info.get("provenance", {}))
+            if info.get("provenance"):
+                provenance.setdefault(name, info["provenance"])
             continue
+        changed = True
         spec = config.reference if name == "reference" else config.model
         loaded = dense_model(spec)
         provenance[name] = getattr(loaded, "provenance", {})
@@ -309,6 +312,9 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     loaded_cache.clear()
+    if not changed and earlier.is_file():  # nothing new: the summary of the sessions that did the work stands
+        log("every variant complete: results.json kept as it is")
+        return json.loads(earlier.read_text(encoding="utf-8"))
     results = finish_run(out, config, templates, tasks, harmful, benign, baseline, [n for n, _ in plan], log,
                          seconds=time.perf_counter() - started, provenance=provenance)
     return results
