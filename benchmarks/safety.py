@@ -73,7 +73,8 @@ def _device(requested: str | None) -> str:
     return requested or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _config(name: str, args: argparse.Namespace, templates: list[str], layers: str) -> Any:
+def _config(name: str, args: argparse.Namespace, templates: list[str], layers: str,
+            dense_from: Path | None = None) -> Any:
     from prunekit.safety.config import SafetyConfig
 
     return SafetyConfig(
@@ -82,7 +83,8 @@ def _config(name: str, args: argparse.Namespace, templates: list[str], layers: s
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, prompt_format="chat",
         calib=str(SOTU / "train.txt"), nsamples=args.nsamples, seqlen=args.seqlen, seed=0, device=_device(args.device),
         analyses=not args.no_analyses, analyses_limit=args.analyses_limit, ppl_source=str(SOTU / "test.txt"),
-        ppl_seqlen=512, ppl_max_windows=args.ppl_windows, layers=layers)
+        ppl_seqlen=512, ppl_max_windows=args.ppl_windows, layers=layers,
+        dense_from=str(dense_from) if dense_from else None)
 
 
 def run_model(name: str, args: argparse.Namespace, templates: list[str] | None = None,
@@ -93,7 +95,11 @@ def run_model(name: str, args: argparse.Namespace, templates: list[str] | None =
     from prunekit.safety.state import export_carry, import_carry
 
     layers = layers or args.layers
-    config = _config(name, args, templates or args.templates, layers)
+    # the all-layers run shares the dense model's answers and measurements with the attention run (same prompts)
+    attention_run = args.runs / f"{name}-attention"
+    dense_from = attention_run if args.full and layers != "attention" and (attention_run / "run.json").is_file() \
+        else None
+    config = _config(name, args, templates or args.templates, layers, dense_from)
     folder = args.runs / (name if layers == "attention" and not args.full else f"{name}-{layers}")
     if args.full and not args.overwrite and (restored := import_carry(CARRY / folder.name, folder)):
         log(f"{name}/{layers}: continuing from {restored} answers carried in {CARRY / folder.name}")

@@ -742,3 +742,53 @@ def test_decode_layout_errors(tokenizer):
         choose_layout(model, "paged")
     with pytest.raises(PrunekitError, match="'shared-prefix' needs a full-attention model of the families llama"):
         choose_layout(model, "shared-prefix")
+
+
+def test_dense_answers_shared_between_runs_that_prune_differently(tmp_path, tiny_chat_dir, small_tasks, calib,
+                                                                   monkeypatch):
+    """--dense-from: a run that prunes other layers takes the dense answers and measurements of an earlier run
+    instead of generating them; its summary equals that of a run that generated everything itself; a source run
+    of other prompts is refused in one line before any work."""
+    from prunekit.models import load_model
+    from prunekit.safety import run as run_module
+
+    attention = _config(tiny_chat_dir, small_tasks, calib, layers="attention", ppl_source=str(calib),
+                        ppl_seqlen=32, ppl_max_windows=2)
+    run_study(attention, tmp_path / "attention", log=lambda m: None, loader=load_model)
+    everything = _config(tiny_chat_dir, small_tasks, calib, layers="all", ppl_source=str(calib),
+                         ppl_seqlen=32, ppl_max_windows=2)
+    alone = run_study(everything, tmp_path / "alone", log=lambda m: None, loader=load_model)
+    generated: list[str] = []
+    real = run_module.generate_variant
+    monkeypatch.setattr(run_module, "generate_variant",
+                        lambda name, *a, **k: generated.append(name) or real(name, *a, **k))
+    logs: list[str] = []
+    shared = run_study(SafetyConfig(**{**everything.__dict__, "dense_from": str(tmp_path / "attention")}),
+                       tmp_path / "shared", log=logs.append, loader=load_model)
+    assert generated == ["wanda-0.5"] and "dense: 8 answers copied from " + str(tmp_path / "attention") in logs
+    assert "dense: complete on disk, skipped" in logs  # measurements copied too
+    assert shared["summary"] == alone["summary"]
+    untimed = [{k: v for k, v in r["variants"]["dense"]["perplexity"].items() if k != "seconds"}
+               for r in (shared, alone)]
+    assert untimed[0] == untimed[1] and "perplexity" in untimed[0]
+    assert shared["variants"]["wanda-0.5"]["prune"]["layers"] == "all"
+    records = [json.loads(line) for line in (tmp_path / "shared" / "responses.jsonl").read_text().splitlines()]
+    assert sum("copied_from" in r for r in records) == 8 and all(r["variant"] == "dense" for r in records[:8])
+    generated.clear()
+    run_study(SafetyConfig(**{**everything.__dict__, "dense_from": str(tmp_path / "attention")}),
+              tmp_path / "shared", log=logs.append, loader=load_model)
+    assert not generated and len((tmp_path / "shared" / "responses.jsonl").read_text().splitlines()) == 16
+    other = SafetyConfig(**{**everything.__dict__, "max_new_tokens": 3, "dense_from": str(tmp_path / "attention")})
+    with pytest.raises(PrunekitError, match=r"different max_new_tokens \(4, here 3\)"):
+        run_study(other, tmp_path / "refused", log=lambda m: None, loader=load_model)
+    with pytest.raises(PrunekitError, match="not a safety run folder"):
+        run_study(SafetyConfig(**{**everything.__dict__, "dense_from": str(tmp_path / "nowhere")}),
+                  tmp_path / "refused", log=lambda m: None, loader=load_model)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_cli_dense_from_error_is_one_line(capsys, tmp_path, tiny_chat_dir, small_tasks):
+    code, _, err = run(capsys, "safety", tiny_chat_dir, "--tasks", small_tasks, "--dense-from", tmp_path,
+                       "--out", tmp_path / "o")
+    assert_one_line_error(code, err, f"--dense-from {tmp_path}: not a safety run folder")
+    assert not (tmp_path / "o").exists()

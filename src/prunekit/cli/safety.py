@@ -49,6 +49,9 @@ def safety(
                                    "--limit tasks x --templates); writes throughput.json to --out.")] = False,
     baseline_batch_size: Annotated[int | None, typer.Option(
         help="--throughput-study: batch of the old path (default: --batch-size).")] = None,
+    dense_from: Annotated[Path | None, typer.Option(
+        help="Reuse the dense answers and measurements of this earlier run folder (same model, prompts, judges; "
+             "it may differ in what is pruned, e.g. --layers), instead of generating them again.")] = None,
     ppl: Annotated[str | None, typer.Option(help="Perplexity of every variant on this text SOURCE.")] = None,
     ppl_windows: Annotated[int | None, typer.Option(help="At most N windows for --ppl.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -67,7 +70,8 @@ def safety(
                           batch_size=batch_size, prompt_format=prompt_format, calib=calib, nsamples=nsamples,
                           seqlen=seqlen, device=device, analyses=analyses, judge_model=judge_model, layers=layers,
                           generation=generation, stop_early=stop_early, ppl_source=ppl, ppl_max_windows=ppl_windows,
-                          baseline_batch_size=baseline_batch_size)
+                          baseline_batch_size=baseline_batch_size,
+                          dense_from=str(dense_from) if dense_from else None)
     log = lambda m: err.print(f"[dim]{m}[/]")  # noqa: E731
     if throughput_study:
         study = run_throughput(config, out_dir, overwrite=overwrite, log=log)

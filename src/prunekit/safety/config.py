@@ -45,6 +45,7 @@ class SafetyConfig:
     layers: str = "attention"  # the paper prunes the attention projections only (docs/safety.md)
     generation: str = "prefix"  # "prefix": shared-prefix KV cache; "plain": model.generate on whole prompts
     stop_early: bool = True  # end an answer once the judges' verdict is final (recorded in the answer)
+    dense_from: str | None = None  # a run folder whose unpruned answers (and measurements) this run reuses
     baseline_batch_size: int | None = None  # --throughput-study: the old path's batch (default: batch_size)
 
 

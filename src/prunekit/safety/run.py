@@ -58,7 +58,17 @@ from prunekit.safety.data import (
 from prunekit.safety.decode import Batch, decode_batches
 from prunekit.safety.generate import Encoded, encode, generate, resolve_mode
 from prunekit.safety.judges import Judge, PrefixJudge, apply_judges, stop_rule, write_records
-from prunekit.safety.state import IDENTITY_FIELDS, load_pruned, mark_state, prepare_run_dir, save_pruned
+from prunekit.safety.state import (
+    IDENTITY_FIELDS,
+    MEASUREMENT_FIELDS,
+    check_dense_source,
+    copy_dense,
+    load_pruned,
+    mark_state,
+    prepare_run_dir,
+    record_key,
+    save_pruned,
+)
 from prunekit.safety.summary import (
     analysis_tables,
     compare_analyses,
@@ -84,11 +94,6 @@ def measured_sparsity(model: torch.nn.Module) -> float:
 
 def _encode_all(tokenizer: Any, prompts: Sequence[Prompt], mode: str) -> list[Encoded]:
     return [encode(tokenizer, p.text, mode, p.span) for p in prompts]  # type: ignore[arg-type]
-
-
-def record_key(record: dict[str, Any]) -> tuple[str, str, str, str]:
-    """What identifies an answer across reruns: variant, prompt set, template, task."""
-    return record["variant"], record["set"], record["template"], str(record["task_id"])
 
 
 def generate_variant(name: str, sparsity: float, model: Any, tokenizer: Any, prompts: Sequence[tuple[str, Prompt]],
@@ -244,7 +249,9 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
 
         build_method(config.method, None)
     judge_list: list[Judge] = list(judges) if judges is not None else [PrefixJudge()]
-    out, resumed = prepare_run_dir(out_dir, run_identity(config, templates, judge_list), overwrite)
+    identity = run_identity(config, templates, judge_list)
+    dense_source = check_dense_source(config.dense_from, identity) if config.dense_from else None
+    out, resumed = prepare_run_dir(out_dir, identity, overwrite)
     if resumed:
         log(f"continuing the run in {out}")
     load = loader or (lambda spec: _load(spec, log))
@@ -254,15 +261,19 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         judged = load(config.judge_model)
         judge_list.append(ChatJudge(judged.model.to(config.device), judged.tokenizer, batch_size=config.batch_size))
 
-    responses = out / "responses.jsonl"
-    done = {record_key(r) for r in read_jsonl(responses)}
-    prompts = [*(("harmful", p) for p in harmful), *(("benign", p) for p in benign)]
     baseline = "reference" if config.reference else "dense"
     plan: list[tuple[str, float | None]] = []
     if config.reference:
         plan.append(("reference", None))
     plan.append(("model" if config.reference else "dense", None))
     plan += [(f"{config.method}-{s:g}", s) for s in sparsities]
+    if dense_source is not None:
+        unpruned = [name for name, target in plan if target is None]
+        copied = copy_dense(dense_source, out, unpruned, {k: getattr(config, k) for k in MEASUREMENT_FIELDS})
+        log(f"{'/'.join(unpruned)}: {copied} answers copied from {dense_source}")
+    responses = out / "responses.jsonl"
+    done = {record_key(r) for r in read_jsonl(responses)}
+    prompts = [*(("harmful", p) for p in harmful), *(("benign", p) for p in benign)]
     loaded_cache: dict[str, Any] = {}
 
     def dense_model(spec: str) -> Any:

@@ -28,6 +28,16 @@ RUN_FILE = "run.json"
 #: What defines a run's answers: a rerun must match on these (batch size, device, analyses may change).
 IDENTITY_FIELDS = ("model", "reference", "tasks", "benign", "sparsities", "method", "layers", "limit",
                    "max_new_tokens", "prompt_format", "calib", "nsamples", "seqlen", "seed", "stop_early")
+#: What the unpruned variants' answers depend on: runs equal on these (pruning aside) share their dense answers.
+DENSE_FIELDS = ("model", "reference", "tasks", "benign", "templates", "judges", "limit", "max_new_tokens",
+                "prompt_format", "stop_early")
+#: What a variant's measurements (info.json) depend on besides the model.
+MEASUREMENT_FIELDS = ("analyses", "analyses_limit", "ppl_source", "ppl_seqlen", "ppl_max_windows")
+
+
+def record_key(record: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What identifies an answer across reruns: variant, prompt set, template, task."""
+    return record["variant"], record["set"], record["template"], str(record["task_id"])
 
 
 def _describe(value: Any) -> str:
@@ -71,6 +81,46 @@ def prepare_run_dir(out_dir: str | Path, identity: dict[str, Any], overwrite: bo
     write_marker(out, "safety")  # first, so that --overwrite recognises an interrupted run as prunekit's
     atomic_write_json(out / RUN_FILE, {"identity": identity, "state": "running"}, indent=1)
     return out, False
+
+
+def check_dense_source(source: str | Path, identity: dict[str, Any]) -> Path:
+    """The run folder named by ``--dense-from``, checked to hold answers of the same unpruned model to the same
+    prompts under the same judges (one line naming the first difference otherwise)."""
+    folder = Path(source).expanduser()
+    try:
+        stored = json.loads((folder / RUN_FILE).read_text(encoding="utf-8"))["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PrunekitError(f"--dense-from {source}: not a safety run folder (no readable {RUN_FILE}); expected "
+                            "the --out folder of an earlier `prunekit safety` run") from error
+    for key in DENSE_FIELDS:
+        if stored.get(key) != identity.get(key):
+            raise PrunekitError(f"--dense-from {source}: its dense answers were generated with a different {key} "
+                                f"({_describe(stored.get(key))}, here {_describe(identity.get(key))}); only a run "
+                                f"that differs in pruning alone ({', '.join(DENSE_SHARED_OK)}) can share them")
+    return folder
+
+
+#: What may differ between a run and the run it takes its dense answers from.
+DENSE_SHARED_OK = ("sparsities", "method", "layers", "calib", "nsamples", "seqlen", "seed")
+
+
+def copy_dense(source: Path, out: Path, names: list[str], measurements: dict[str, Any]) -> int:
+    """Append to ``out`` the answers of the unpruned variants `names` that ``source`` holds and ``out`` lacks
+    (each marked ``copied_from``), and their measurements when ``source`` measured them the same way; returns the
+    answers copied. Runs that differ only in what is pruned thus generate and measure the dense model once."""
+    have = {record_key(r) for r in read_jsonl(out / "responses.jsonl")}
+    records = [r for r in read_jsonl(source / "responses.jsonl") if r["variant"] in names and record_key(r) not in have]
+    append_lines(out / "responses.jsonl", [json.dumps({**r, "copied_from": str(source)}, ensure_ascii=False)
+                                           for r in records])
+    results = source / "results.json"
+    config = json.loads(results.read_text(encoding="utf-8")).get("config", {}) if results.is_file() else {}
+    if all(config.get(k) == v for k, v in measurements.items()):
+        for name in names:
+            info, mine = source / "variants" / name / "info.json", out / "variants" / name / "info.json"
+            if info.is_file() and not mine.is_file():
+                atomic_write_json(mine, {**json.loads(info.read_text(encoding="utf-8")), "copied_from": str(source)},
+                                  indent=None)
+    return len(records)
 
 
 def mark_state(out: Path, state: str, extra: dict[str, Any] | None = None) -> None:
