@@ -17,7 +17,8 @@ from prunekit.safety import data, judges, stats
 from prunekit.safety.analysis import attention_to_span, prompt_perplexities
 from prunekit.safety.config import SafetyConfig
 from prunekit.safety.generate import encode, format_message, generate, resolve_mode
-from prunekit.safety.run import resummarize, run_study
+from prunekit.safety.results import resummarize
+from prunekit.safety.run import run_study
 from prunekit.safety.summary import summarize_records
 from tiny import WORDS, assert_one_line_error, build, make_tokenizer, run
 
@@ -535,7 +536,7 @@ def test_run_carried_without_text_continues_elsewhere(tmp_path, tiny_chat_dir, s
 
     from prunekit.errors import PrunekitError
     from prunekit.models import load_model
-    from prunekit.safety.run import resummarize
+    from prunekit.safety.results import resummarize
     from prunekit.safety.state import export_carry, import_carry
 
     class Stop(judges.PrefixJudge):
@@ -617,12 +618,12 @@ def test_layers_choice(tmp_path, tiny_chat_dir, small_tasks, calib, layers, kind
 
 def test_plot_failure_keeps_the_answers(tmp_path, tiny_chat_dir, small_tasks, calib, monkeypatch):
     from prunekit.models import load_model
-    from prunekit.safety import run as run_module
+    from prunekit.safety import results as results_module
 
     def broken(*args, **kwargs):
         raise ValueError("'yerr' must not contain negative values")
 
-    monkeypatch.setattr(run_module, "plot_refusal", broken)
+    monkeypatch.setattr(results_module, "plot_refusal", broken)
     logs: list[str] = []
     config = _config(tiny_chat_dir, small_tasks, calib, sparsities=[], templates=["ORIGINAL"], batch_size=4)
     results = run_study(config, tmp_path / "out", log=logs.append, loader=load_model)

@@ -4,7 +4,8 @@ statistics, the paper's analyses and the end-to-end study behind `prunekit safet
 from prunekit.safety.config import SafetyConfig
 from prunekit.safety.data import Prompt, Task, Template, build_prompts, load_suite, read_tasks, select_templates
 from prunekit.safety.judges import REFUSAL_PREFIXES, ChatJudge, Judge, PrefixJudge
-from prunekit.safety.run import resummarize, run_study
+from prunekit.safety.results import resummarize
+from prunekit.safety.run import run_study
 from prunekit.safety.stats import mcnemar_exact, paired_difference, wilson
 from prunekit.safety.summary import summarize_records
 
