@@ -793,3 +793,39 @@ def test_cli_dense_from_error_is_one_line(capsys, tmp_path, tiny_chat_dir, small
                        "--out", tmp_path / "o")
     assert_one_line_error(code, err, f"--dense-from {tmp_path}: not a safety run folder")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_analyses_over_a_shared_prefix_equal_whole_prompts(tokenizer, family, monkeypatch):
+    """Attention shares and prompt perplexities computed once per template prefix equal those of whole prompts
+    (two templates, uneven batches, a task span after the prefix); sliding-window models are encoded whole."""
+    model = build(family, vocab=len(tokenizer), max_positions=256)
+    rng = random.Random(11)
+    templates = [data.Template("A", "the of and was he for it " * 4 + "{task} on be"),
+                 data.Template("B", "had his at by " * 5 + "{task}")]
+    rows, spans, texts, groups = [], [], [], []
+    for template in templates:
+        groups.append([])
+        for n in (3, 11, 7, 1, 5):
+            text, span = template.render(" ".join(rng.choice(WORDS) for _ in range(n)))
+            enc = encode(tokenizer, text, "chat", span)
+            groups[-1].append(len(rows))
+            rows.append(enc.ids)
+            spans.append(enc.span)
+            texts.append(text)
+    whole = attention_to_span(model, rows, spans, pad_id=0, batch_size=3)
+    shared = attention_to_span(model, rows, spans, pad_id=0, batch_size=3, groups=groups)
+    for a, b in zip(whole, shared, strict=True):
+        assert b["per_layer"] == pytest.approx(a["per_layer"], abs=2e-5)
+    assert len({round(s["share"], 4) for s in whole}) > 3  # the shares differ between prompts
+    from prunekit.safety import analysis
+
+    monkeypatch.setattr(analysis, "ATTENTION_BUDGET", 1)  # every prompt in a batch of its own
+    assert [len(c) for c in analysis._attention_chunks(model, rows, groups[0], 10, 3)] == [1] * 5
+    alone = attention_to_span(model, rows, spans, pad_id=0, batch_size=3, groups=groups)
+    for a, b in zip(alone, shared, strict=True):
+        assert a["per_layer"] == pytest.approx(b["per_layer"], abs=2e-6)
+    ppl_whole = prompt_perplexities(model, tokenizer, texts, batch_size=3)
+    ppl_shared = prompt_perplexities(model, tokenizer, texts, batch_size=3, groups=groups)
+    assert ppl_shared == pytest.approx(ppl_whole, rel=1e-6)
+    assert model.config._attn_implementation == "sdpa"

@@ -103,7 +103,7 @@ def choose_layout(model: Any, requested: str = "auto") -> Layout:
     return requested  # type: ignore[return-value]
 
 
-def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
+def cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
     """transformers 5 names the KV-cache argument `cache` (`past_key_values` is deprecated); older: the latter."""
     import inspect
 
@@ -118,7 +118,7 @@ def prefix_cache(model: Any, prefix: Sequence[int], device: torch.device) -> Any
     cache = DynamicCache(config=model.config)
     if prefix:
         ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-        model(input_ids=ids, use_cache=True, logits_to_keep=1, **_cache_kwarg(model, cache))
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache))
     return cache
 
 
@@ -252,7 +252,7 @@ def _decode_chunk(model: Any, tokenizer: Any, suffixes: list[Sequence[int]], kv:
         if kv.layout != "dynamic":  # static caches are written at explicit slots
             kwargs["cache_position"] = torch.arange(slot, slot + input_ids.shape[1], device=device)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                    **extra, **kwargs, **_cache_kwarg(model, kv.cache))
+                    **extra, **kwargs, **cache_kwarg(model, kv.cache))
         return out.logits[:, -1, :]
 
     logits = forward(ids.to(device), positions.to(device), logits_to_keep=1)

@@ -99,12 +99,9 @@ def generate_variant(name: str, sparsity: float, model: Any, tokenizer: Any, pro
     log(f"{name}: generating {len(todo)} answers ({len(prompts) - len(todo)} already on disk; max "
         f"{config.max_new_tokens} new tokens, {mode} format, {config.generation} path)")
     ids = [e.ids for e in _encode_all(tokenizer, [p for _, p in todo], mode)]
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, (_, p) in enumerate(todo):
-        groups[p.template].append(i)  # one shared prefix per template
     stop = stop_rule(judges) if config.stop_early else None
     total_seconds, total_prompts, next_log = 0.0, 0, time.perf_counter() + 60
-    for batch in _batches(model, tokenizer, ids, list(groups.values()), config, stop):
+    for batch in _batches(model, tokenizer, ids, _by_template([p for _, p in todo]), config, stop):
         records = []
         for i, token_ids, ended, reason in zip(batch.indices, batch.token_ids, batch.ended, batch.reasons,
                                                strict=True):
@@ -147,22 +144,38 @@ def _batches(model: Any, tokenizer: Any, ids: list[list[int]], groups: list[list
 
 
 def variant_measurements(model: Any, tokenizer: Any, harmful: Sequence[Prompt], tasks: Sequence[Task],
-                         config: SafetyConfig, info: dict[str, Any]) -> dict[str, Any]:
-    """Analyses and perplexity a variant still lacks (an earlier session may have stored some)."""
+                         config: SafetyConfig, info: dict[str, Any], log: Log = print) -> dict[str, Any]:
+    """Analyses and perplexity a variant still lacks (an earlier session may have stored some); their cost goes
+    into ``info["measurement_seconds"]``."""
     mode = resolve_mode(tokenizer, config.prompt_format)  # type: ignore[arg-type]
+    seconds = info.setdefault("measurement_seconds", {})
     if config.analyses and "analyses" not in info:
-        chosen = subset(tasks, config.analyses_limit)  # a full prefill per prompt: bounded on a CPU
+        chosen = subset(tasks, config.analyses_limit)  # a prefill per prompt (after its template's prefix)
         ids = {t.id for t in chosen}
         some = [p for p in harmful if p.task.id in ids]
+        log(f"measuring attention to the task and prompt perplexity on {len(some)} prompts ({len(chosen)} tasks)")
+        started = time.perf_counter()
         encoded = _encode_all(tokenizer, some, mode)
         info["analyses"] = run_analyses(model, tokenizer, some, encoded, chosen, config)
+        seconds["analyses"] = time.perf_counter() - started
     if config.ppl_source and "perplexity" not in info:
         from prunekit.evaluation import perplexity
 
+        log(f"measuring perplexity on {config.ppl_source}")
+        started = time.perf_counter()
         info["perplexity"] = perplexity(model, tokenizer, config.ppl_source, seqlen=config.ppl_seqlen,
                                         batch_size=min(config.batch_size, 8), max_windows=config.ppl_max_windows,
                                         progress=False).to_dict()
+        seconds["perplexity"] = time.perf_counter() - started
     return info
+
+
+def _by_template(prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Indices of the prompts of each template: they share a token prefix, encoded once (analysis.py)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        groups[prompt.template].append(i)
+    return list(groups.values())
 
 
 def run_analyses(model: Any, tokenizer: Any, harmful: Sequence[Prompt], encoded: Sequence[Encoded],
@@ -173,11 +186,13 @@ def run_analyses(model: Any, tokenizer: Any, harmful: Sequence[Prompt], encoded:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     usable = [i for i, e in enumerate(encoded) if e.span is not None]
     shares = attention_to_span(model, [encoded[i].ids for i in usable], [encoded[i].span for i in usable],
-                               pad_id=pad, batch_size=max(1, config.batch_size // 4))
+                               pad_id=pad, batch_size=max(1, config.batch_size // 4),
+                               groups=_by_template([harmful[i] for i in usable]))
     attention = [{"template": harmful[i].template, "task_id": harmful[i].task.id, **s}
                  for i, s in zip(usable, shares, strict=True)]
     alone = prompt_perplexities(model, tokenizer, [t.text for t in tasks], batch_size=config.batch_size)
-    templated = prompt_perplexities(model, tokenizer, [p.text for p in harmful], batch_size=config.batch_size)
+    templated = prompt_perplexities(model, tokenizer, [p.text for p in harmful], batch_size=config.batch_size,
+                                    groups=_by_template(harmful))
     ppl = {"task_alone": {t.id: v for t, v in zip(tasks, alone, strict=True)},
            "templated": [{"template": p.template, "task_id": p.task.id, "perplexity": v}
                          for p, v in zip(harmful, templated, strict=True)]}
@@ -307,7 +322,8 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
         info.setdefault("sessions", []).append(session)
         info.update(sparsity=sparsity, format=resolve_mode(loaded.tokenizer, config.prompt_format),  # type: ignore[arg-type]
                     provenance=provenance[name])
-        variant_measurements(model, loaded.tokenizer, harmful, tasks, config, info)
+        variant_measurements(model, loaded.tokenizer, harmful, tasks, config, info,
+                             lambda m, variant=name: log(f"{variant}: {m}"))
         atomic_write_json(info_path, info, indent=None)
         if model is not loaded.model:
             del model
