@@ -145,6 +145,7 @@ def table_rows(name: str, results: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "model": name, "variant": variant, "sparsity": v["sparsity"],
             "refusal": v["refusal"], "refusal_by_template": v["refusal_by"]["template"],
+            "refusal_by_category": v["refusal_by"].get("category", {}),
             "benign_over_refusal": v["benign_over_refusal"],
             "mcnemar_harmful": vs.get("harmful"), "mcnemar_benign": vs.get("benign"),
             "mcnemar_by_template": vs.get("harmful_by_template"),
@@ -183,6 +184,12 @@ def markdown(rows: list[dict[str, Any]], templates: list[str]) -> str:
                  f"{r['sotu_test_perplexity']:.2f}" if r["sotu_test_perplexity"] else "–",
                  f"{r['prompts_per_s']:.1f}" if r["prompts_per_s"] else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    categories = sorted({c for r in rows for c in r.get("refusal_by_category") or {}})
+    if categories:
+        lines += ["", "Refusal % by task category (all templates pooled), Wilson 95 %:", "",
+                  "| model | variant | " + " | ".join(categories) + " |", "|" + "---|" * (len(categories) + 2)]
+        lines += [f"| {r['model']} | {r['variant']} | "
+                  + " | ".join(_pct(r["refusal_by_category"].get(c)) for c in categories) + " |" for r in rows]
     lines += ["", "Prompt perplexity (median over tasks), task alone and inside each template:", ""]
     ppl_templates = ["task_alone", *templates]
     lines += ["| model | variant | " + " | ".join(ppl_templates) + " |", "|" + "---|" * (len(ppl_templates) + 2)]
