@@ -103,10 +103,11 @@ def run_model(name: str, args: argparse.Namespace, templates: list[str] | None =
     folder = args.runs / (name if layers == "attention" and not args.full else f"{name}-{layers}")
     if args.full and not args.overwrite and (restored := import_carry(CARRY / folder.name, folder)):
         log(f"{name}/{layers}: continuing from {restored} answers carried in {CARRY / folder.name}")
-    results = run_study(config, folder, overwrite=args.overwrite, log=lambda m: log(f"{name}/{layers}: {m}"))
-    if args.full:
-        export_carry(folder, CARRY / folder.name)
-    return results
+    try:
+        return run_study(config, folder, overwrite=args.overwrite, log=lambda m: log(f"{name}/{layers}: {m}"))
+    finally:  # also when stopped: the carry says how far the run got
+        if args.full and (folder / "run.json").is_file():
+            export_carry(folder, CARRY / folder.name)
 
 
 def export_carries(runs: Path) -> None:
@@ -261,6 +262,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=RESULTS / "safety_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "safety.json")
     args = parser.parse_args()
+    from prunekit.safety.run import sigterm_as_interrupt
+
+    sigterm_as_interrupt()  # `kill` stops a run cleanly: partial summaries written, state carried
     if args.export_carry:
         export_carries(args.runs)
         return

@@ -509,7 +509,11 @@ def test_interrupted_run_continues(tmp_path, tiny_chat_dir, small_tasks, calib, 
     with pytest.raises(KeyboardInterrupt):
         run_study(config, out, log=lambda m: None, loader=load_model, judges=[Crash()])
     first = (out / "responses.jsonl").read_text().splitlines()
-    assert len(first) == 12 and json.loads((out / "run.json").read_text())["state"] == "running"
+    # the stop left the partial summaries of what was on disk
+    assert len(first) == 12 and json.loads((out / "run.json").read_text())["state"] == "partial"
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["counts"]["answers"] == 12 and not partial["counts"]["complete"]
+    assert partial["summary"]["variants"]["wanda-0.5"]["refusal"]["n"] == 4
     assert (out / "variants" / "wanda-0.5" / "pruned.safetensors").is_file()
     logs: list[str] = []
     pruned_calls = []
@@ -553,7 +557,8 @@ def test_run_carried_without_text_continues_elsewhere(tmp_path, tiny_chat_dir, s
     with pytest.raises(KeyboardInterrupt):
         run_study(config, tmp_path / "first", log=lambda m: None, loader=load_model, judges=[Stop()])
     assert export_carry(tmp_path / "first", tmp_path / "carry") == 10
-    assert not (tmp_path / "carry" / "results.json").exists()  # a stopped run has no results to carry
+    carried_results = json.loads((tmp_path / "carry" / "results.json").read_text())  # how far it got travels
+    assert carried_results["counts"]["answers"] == 10 and not carried_results["counts"]["complete"]
     carried = gzip.decompress((tmp_path / "carry" / "verdicts.jsonl.gz").read_bytes()).decode()
     first = [json.loads(line) for line in (tmp_path / "first" / "responses.jsonl").read_text().splitlines()]
     assert all(r["prompt"] not in carried and (not r["response"] or r["response"] not in carried) for r in first)
@@ -829,3 +834,20 @@ def test_analyses_over_a_shared_prefix_equal_whole_prompts(tokenizer, family, mo
     ppl_shared = prompt_perplexities(model, tokenizer, texts, batch_size=3, groups=groups)
     assert ppl_shared == pytest.approx(ppl_whole, rel=1e-6)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_sigterm_stops_a_study_like_ctrl_c():
+    import os
+    import signal
+    import time
+
+    from prunekit.safety.run import sigterm_as_interrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        sigterm_as_interrupt()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises at the next bytecode
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -60,7 +60,7 @@ def safety(
     """Jailbreak resistance dense vs pruned: refusal rates with intervals, McNemar, plot. Prompts and answers
     go to the output folder only. A stopped run continues when the same command is run again."""
     from prunekit.safety.config import SafetyConfig, parse_list
-    from prunekit.safety.run import run_study, run_throughput
+    from prunekit.safety.run import run_study, run_throughput, sigterm_as_interrupt
     from prunekit.safety.summary import format_summary
 
     config = SafetyConfig(model=model, tasks=tasks, benign=benign, reference=reference,
@@ -81,6 +81,7 @@ def safety(
                   f"{study['prompts']}, verdicts agree {study['verdicts_agree']}/{study['prompts']}")
         out.print(f"wrote {out_dir / 'throughput.json'}")
         return
+    sigterm_as_interrupt()
     results = run_study(config, out_dir, overwrite=overwrite, log=log)
     out.print(format_summary(results))
     out.print(f"wrote {out_dir / 'results.json'}, responses.jsonl (prompts and answers), refusal_vs_sparsity.png")

@@ -223,6 +223,19 @@ def run_identity(config: SafetyConfig, templates: Sequence[Template], judges: Se
     return identity
 
 
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (a scheduler's or `kill`'s stop) stop a study as Ctrl-C does: cleanly, after writing the
+    partial summaries. Only from the main thread (signal handlers live there)."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = False, log: Log = print,
               loader: Callable[[str], Any] | None = None, judges: Sequence[Judge] | None = None) -> dict[str, Any]:
     """Run (or continue) the whole study in `out_dir`; returns results.json's content.
@@ -295,40 +308,51 @@ def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = Fa
     provenance: dict[str, Any] = dict(json.loads(earlier.read_text(encoding="utf-8")).get("provenance") or {}
                                       if earlier.is_file() else {})
     changed = False
-    for name, target in plan:
-        folder = out / "variants" / name
-        info_path = folder / "info.json"
-        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
-        missing = any((name, kind, p.template, str(p.task.id)) not in done for kind, p in prompts)
-        wants = (config.analyses and "analyses" not in info) or (config.ppl_source and "perplexity" not in info)
-        if not missing and not wants and info:
-            log(f"{name}: complete on disk, skipped")
-            if info.get("provenance"):
-                provenance.setdefault(name, info["provenance"])
-            continue
-        changed = True
-        spec = config.reference if name == "reference" else config.model
-        loaded = dense_model(spec)
-        provenance[name] = getattr(loaded, "provenance", {})
-        model = loaded.model
-        if target is not None:
-            model = _pruned_variant(name, target, loaded, folder, config, log)
-            info["prune"] = json.loads((folder / "prune.json").read_text(encoding="utf-8"))
-            sparsity = float(target)
-        else:
-            sparsity = measured_sparsity(model) if name == "model" else 0.0
-        session = generate_variant(name, sparsity, model, loaded.tokenizer, prompts, done, config, judge_list,
-                                   responses, log)
-        info.setdefault("sessions", []).append(session)
-        info.update(sparsity=sparsity, format=resolve_mode(loaded.tokenizer, config.prompt_format),  # type: ignore[arg-type]
-                    provenance=provenance[name])
-        variant_measurements(model, loaded.tokenizer, harmful, tasks, config, info,
-                             lambda m, variant=name: log(f"{variant}: {m}"))
-        atomic_write_json(info_path, info, indent=None)
-        if model is not loaded.model:
-            del model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    try:
+        for name, target in plan:
+            folder = out / "variants" / name
+            info_path = folder / "info.json"
+            info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+            missing = any((name, kind, p.template, str(p.task.id)) not in done for kind, p in prompts)
+            wants = (config.analyses and "analyses" not in info) or (config.ppl_source and "perplexity" not in info)
+            if not missing and not wants and info:
+                log(f"{name}: complete on disk, skipped")
+                if info.get("provenance"):
+                    provenance.setdefault(name, info["provenance"])
+                continue
+            changed = True
+            spec = config.reference if name == "reference" else config.model
+            loaded = dense_model(spec)
+            provenance[name] = getattr(loaded, "provenance", {})
+            model = loaded.model
+            if target is not None:
+                model = _pruned_variant(name, target, loaded, folder, config, log)
+                info["prune"] = json.loads((folder / "prune.json").read_text(encoding="utf-8"))
+                sparsity = float(target)
+            else:
+                sparsity = measured_sparsity(model) if name == "model" else 0.0
+            session = generate_variant(name, sparsity, model, loaded.tokenizer, prompts, done, config, judge_list,
+                                       responses, log)
+            info.setdefault("sessions", []).append(session)
+            info.update(sparsity=sparsity, format=resolve_mode(loaded.tokenizer, config.prompt_format),  # type: ignore[arg-type]
+                        provenance=provenance[name])
+            variant_measurements(model, loaded.tokenizer, harmful, tasks, config, info,
+                                 lambda m, variant=name: log(f"{variant}: {m}"))
+            atomic_write_json(info_path, info, indent=None)
+            if model is not loaded.model:
+                del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # a stop (Ctrl-C, or SIGTERM where the caller maps it): summarize what is on disk
+        loaded_cache.clear()
+        log("stopped: every finished batch is on disk; writing the partial summaries (the same command continues)")
+        if read_jsonl(responses):
+            try:
+                finish_run(out, config, templates, tasks, harmful, benign, baseline, [n for n, _ in plan], log,
+                           seconds=time.perf_counter() - started, provenance=provenance)
+            except Exception as error:  # the stop goes on; the answers are on disk already
+                log(f"warning: partial summaries not written: {type(error).__name__}: {error}")
+        raise
     loaded_cache.clear()
     if not changed and earlier.is_file():  # nothing new: the summary of the sessions that did the work stands
         log("every variant complete: results.json kept as it is")

@@ -180,14 +180,15 @@ CARRY_RECORDS = "verdicts.jsonl.gz"
 TEXT_FIELDS = ("prompt", "response", "token_ids")
 
 
-#: What a finished run wrote, carried as its record (never read back: a continued run computes them again).
+#: What a run's last session wrote (partial summaries when it was stopped), carried as its record (never read
+#: back: a continued run computes them again).
 FINISHED_FILES = ("results.json", "report.md", "refusal_vs_sparsity.png")
 
 
 def export_carry(out: Path, carry: Path) -> int:
     """Write what continuing `out` elsewhere needs, minus the answers' text, to `carry`: the run's identity, the
-    variants' measurements (info.json), every answer's key and verdicts (gzipped JSON lines) and, once the run is
-    complete, its results and report. Returns the
+    variants' measurements (info.json), every answer's key and verdicts (gzipped JSON lines) and its latest
+    results and report (partial when a session was stopped). Returns the
     number of answers carried. The pruned masks are not carried: a continued run prunes again (seeded, the same
     masks)."""
     import gzip
@@ -198,7 +199,7 @@ def export_carry(out: Path, carry: Path) -> int:
     atomic_write_bytes(carry / CARRY_RECORDS, gzip.compress("".join(f"{line}\n" for line in lines).encode(), mtime=0))
     for info in sorted((out / "variants").glob("*/info.json")):
         atomic_write_bytes(carry / "variants" / info.parent.name / "info.json", info.read_bytes())
-    for finished in FINISHED_FILES:  # a complete run's results travel as its record (they hold no answer text)
+    for finished in FINISHED_FILES:  # the results travel as the run's record (they hold no answer text)
         if (out / finished).is_file():
             atomic_write_bytes(carry / finished, (out / finished).read_bytes())
     atomic_write_bytes(carry / RUN_FILE, (out / RUN_FILE).read_bytes())
