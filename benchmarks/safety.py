@@ -91,7 +91,7 @@ def run_model(name: str, args: argparse.Namespace, templates: list[str] | None =
               layers: str | None = None) -> dict[str, Any]:
     """One model: the whole study through prunekit.safety.run_study (continued if it was stopped; under --full
     also from the state carried in CARRY by an earlier machine, and carried again when it returns)."""
-    from prunekit.safety.run import run_study
+    from prunekit.safety.run import run_study, sigterm_as_interrupt
     from prunekit.safety.state import export_carry, import_carry
 
     layers = layers or args.layers
@@ -104,7 +104,8 @@ def run_model(name: str, args: argparse.Namespace, templates: list[str] | None =
     if args.full and not args.overwrite and (restored := import_carry(CARRY / folder.name, folder)):
         log(f"{name}/{layers}: continuing from {restored} answers carried in {CARRY / folder.name}")
     try:
-        return run_study(config, folder, overwrite=args.overwrite, log=lambda m: log(f"{name}/{layers}: {m}"))
+        with sigterm_as_interrupt():  # `kill` stops the run cleanly: partial summaries written, state carried
+            return run_study(config, folder, overwrite=args.overwrite, log=lambda m: log(f"{name}/{layers}: {m}"))
     finally:  # also when stopped: the carry says how far the run got
         if args.full and (folder / "run.json").is_file():
             export_carry(folder, CARRY / folder.name)
@@ -262,9 +263,6 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=RESULTS / "safety_runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "safety.json")
     args = parser.parse_args()
-    from prunekit.safety.run import sigterm_as_interrupt
-
-    sigterm_as_interrupt()  # `kill` stops a run cleanly: partial summaries written, state carried
     if args.export_carry:
         export_carries(args.runs)
         return

@@ -837,6 +837,8 @@ def test_analyses_over_a_shared_prefix_equal_whole_prompts(tokenizer, family, mo
 
 
 def test_sigterm_stops_a_study_like_ctrl_c():
+    """Inside the block SIGTERM raises KeyboardInterrupt (the clean stop); after it the previous handler is back,
+    so a process that forks workers later (torch.compile's) does not hand them this one."""
     import os
     import signal
     import time
@@ -844,10 +846,7 @@ def test_sigterm_stops_a_study_like_ctrl_c():
     from prunekit.safety.run import sigterm_as_interrupt
 
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        sigterm_as_interrupt()
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler raises at the next bytecode
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode
+    assert signal.getsignal(signal.SIGTERM) is previous

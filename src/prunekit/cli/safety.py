@@ -81,7 +81,7 @@ def safety(
                   f"{study['prompts']}, verdicts agree {study['verdicts_agree']}/{study['prompts']}")
         out.print(f"wrote {out_dir / 'throughput.json'}")
         return
-    sigterm_as_interrupt()
-    results = run_study(config, out_dir, overwrite=overwrite, log=log)
+    with sigterm_as_interrupt():
+        results = run_study(config, out_dir, overwrite=overwrite, log=log)
     out.print(format_summary(results))
     out.print(f"wrote {out_dir / 'results.json'}, responses.jsonl (prompts and answers), refusal_vs_sparsity.png")

@@ -22,12 +22,13 @@ Nothing written to the terminal contains a prompt or an answer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,17 +224,25 @@ def run_identity(config: SafetyConfig, templates: Sequence[Template], judges: Se
     return identity
 
 
-def sigterm_as_interrupt() -> None:
-    """Make SIGTERM (a scheduler's or `kill`'s stop) stop a study as Ctrl-C does: cleanly, after writing the
-    partial summaries. Only from the main thread (signal handlers live there)."""
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's or `kill`'s stop) stops a study as Ctrl-C does: cleanly, after
+    writing the partial summaries. The previous handler comes back after the block (a process that forks
+    workers later must not hand them this one); outside the main thread nothing is changed."""
     import signal
     import threading
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_study(config: SafetyConfig, out_dir: str | Path, *, overwrite: bool = False, log: Log = print,
