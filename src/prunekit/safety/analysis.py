@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from prunekit.errors import PrunekitError
-from prunekit.safety.decode import cache_kwarg, common_prefix_length, has_sliding_window
+from prunekit.safety.decode import cache_kwarg, chunk_cache, common_prefix_length, has_sliding_window
 
 Groups = Iterable[Sequence[int]] | None
 
@@ -64,22 +64,20 @@ def _encode_prefix(model: Any, prefix: Sequence[int], device: torch.device) -> t
 
 
 def _after_prefix(model: Any, prefix: Any, p: int, suffixes: Sequence[Sequence[int]], pad_id: int,
-                  device: torch.device, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+                  device: torch.device, **kwargs: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """Forward of the right-padded `suffixes`, each continuing the `p`-token prefix whose cache is `prefix`
-    (None when p is 0); returns the output and the suffixes' mask. Positions and key slots continue the
+    (None when p is 0); returns the output and the suffixes' ids and mask. Positions and key slots continue the
     prefix's, so attention weights come out over [prefix; suffix] in whole-prompt coordinates."""
-    import copy
-
     ids, mask = _right_pad(suffixes, pad_id)
     if not p:
-        return model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs), mask
-    cache = copy.deepcopy(prefix)
-    cache.batch_repeat_interleave(len(suffixes))
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs)
+        return out, ids, mask
+    cache = chunk_cache(model, prefix, p, len(suffixes), 0, "dynamic").cache  # the prefix in every row
     full_mask = torch.cat([torch.ones((len(suffixes), p), dtype=mask.dtype), mask], dim=1)
     positions = p + torch.arange(ids.shape[1]).unsqueeze(0).expand(len(suffixes), -1)
     out = model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device),
                 use_cache=True, **kwargs, **cache_kwarg(model, cache))
-    return out, mask
+    return out, ids, mask
 
 
 @contextlib.contextmanager
@@ -139,8 +137,8 @@ def attention_to_span(model: Any, rows: Sequence[Sequence[int]], spans: Sequence
         for p, group in _grouped(model, rows, groups):
             prefix = _encode_prefix(model, rows[group[0]][:p], device)[0] if p else None
             for chunk in _attention_chunks(model, rows, group, p, batch_size):
-                out, _ = _after_prefix(model, prefix, p, [rows[i][p:] for i in chunk], pad_id, device,
-                                       output_attentions=True)
+                out, _, _ = _after_prefix(model, prefix, p, [rows[i][p:] for i in chunk], pad_id, device,
+                                          output_attentions=True)
                 if not out.attentions or out.attentions[0] is None:
                     raise PrunekitError("the model returned no attention weights (eager attention is required)")
                 last = torch.tensor([len(rows[i]) - 1 - p for i in chunk], device=device)
@@ -174,8 +172,8 @@ def prompt_perplexities(model: Any, tokenizer: Any, texts: Sequence[str], *, bat
             last_logits = logits[-1]
         for first in range(0, len(group), batch_size):
             chunk = group[first:first + batch_size]
-            out, mask = _after_prefix(model, prefix, p, [rows[i][p:] for i in chunk], pad_id, device)
-            logits, ids = out.logits.float(), _right_pad([rows[i][p:] for i in chunk], pad_id)[0].to(device)
+            out, ids, mask = _after_prefix(model, prefix, p, [rows[i][p:] for i in chunk], pad_id, device)
+            logits, ids = out.logits.float(), ids.to(device)
             # per-token losses over (rows x positions, vocabulary): the (batch, vocabulary, positions) form of
             # cross_entropy is off by up to 1e-3 per token in fp32 on CPU (measured on Qwen2.5 against fp64)
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
