@@ -167,12 +167,17 @@ def _pct(r: dict[str, Any] | None) -> str:
     return f"{100 * r['rate']:.1f} [{100 * r['ci95'][0]:.0f}–{100 * r['ci95'][1]:.0f}]"
 
 
+def _mcnemar(m: dict[str, Any] | None) -> str:
+    return f"{m['p_value']:.2g} (+{m['gained']}/−{m['lost']})" if m else "–"
+
+
 def markdown(rows: list[dict[str, Any]], templates: list[str]) -> str:
-    head = ["model", "variant", *templates, "all", "benign over-refusal", "McNemar p", "attn share (Δ, p)",
+    head = ["model", "variant", *templates, "all", "benign over-refusal", "McNemar p", "benign McNemar p",
+            "attn share (Δ, p)",
             "sotu ppl", "prompts/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        m = r["mcnemar_harmful"]
+        m, mb = r["mcnemar_harmful"], r.get("mcnemar_benign")
         a = r["attention_shift_vs_dense"]
         mean_share = r["attention_share_mean"]
         share = "–"
@@ -182,7 +187,7 @@ def markdown(rows: list[dict[str, Any]], templates: list[str]) -> str:
                 share += f" ({a['mean_difference']:+.4f}, {a['wilcoxon_p_value']:.2g})"
         cells = [r["model"], r["variant"], *(_pct(r["refusal_by_template"].get(t)) for t in templates),
                  _pct(r["refusal"]), _pct(r["benign_over_refusal"]),
-                 f"{m['p_value']:.2g} (+{m['gained']}/−{m['lost']})" if m else "–", share,
+                 _mcnemar(m), _mcnemar(mb), share,
                  f"{r['sotu_test_perplexity']:.2f}" if r["sotu_test_perplexity"] else "–",
                  f"{r['prompts_per_s']:.1f}" if r["prompts_per_s"] else "–"]
         lines.append("| " + " | ".join(cells) + " |")

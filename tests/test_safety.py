@@ -303,7 +303,11 @@ def test_study_end_to_end_and_rejudge(tmp_path, tiny_chat_dir, small_tasks):
     out = tmp_path / "out"
     records = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(records) == 32 and all("prefix" in r["verdicts"] and "response" in r for r in records)
-    assert (out / "refusal_vs_sparsity.png").stat().st_size > 1000 and "McNemar" in (out / "report.md").read_text()
+    assert (out / "refusal_vs_sparsity.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    benign = summary["vs_baseline"]["wanda-0.5"]["benign"]
+    assert "- wanda-0.5, harmful: +" in report
+    assert f"- wanda-0.5, benign: +{benign['gained']} / −{benign['lost']} of 8," in report
     assert not any(r["prompt"] in line for r in records for line in logs)
 
     class Everything:

@@ -157,11 +157,15 @@ def plot_refusal(summary: dict[str, Any], path: Path, title: str = "") -> Path:
     templates = list(dict.fromkeys(t for _, v in variants for t in v["refusal_by"]["template"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     span = max((100 * (v["sparsity"] or 0.0) for _, v in variants), default=0.0) or 10.0
-    for index, template in enumerate(templates):
-        dodge = (index - (len(templates) - 1) / 2) * span / 150  # keep overlapping error bars apart
+    # tab10 repeats its colours after ten lines (the paper has 10 templates plus ORIGINAL): tab20 and a marker
+    # per line keep every template distinguishable
+    colors = plt.get_cmap("tab20" if len(templates) > 10 else "tab10").colors
+    markers = "os^Dv<>PXh"
+    for index, template in enumerate([*templates, None]):
+        dodge = (index - len(templates) / 2) * span / 150  # keep overlapping error bars apart
         xs, ys, lo, hi = [], [], [], []
         for _, v in variants:
-            r = v["refusal_by"]["template"].get(template)
+            r = v["refusal"] if template is None else v["refusal_by"]["template"].get(template)
             if r is None or r["rate"] is None:
                 continue
             xs.append(100 * (v["sparsity"] or 0.0) + dodge)
@@ -169,7 +173,12 @@ def plot_refusal(summary: dict[str, Any], path: Path, title: str = "") -> Path:
             below, above = error_bar(r)
             lo.append(below)
             hi.append(above)
-        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=template)
+        if template is None:  # every harmful prompt pooled
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color="black", linestyle="--", linewidth=2,
+                        label="all templates")
+        else:
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[index % len(markers)], capsize=3,
+                        color=colors[index % len(colors)], label=template)
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel(f"refusal rate ({summary['judge']} judge)")
     ax.set_ylim(-0.02, 1.02)
@@ -211,12 +220,13 @@ def report_section(results: dict[str, Any], plot_name: str = "refusal_vs_sparsit
         _fmt_rate(summary["variants"][n]["benign_over_refusal"]) for n in names) + " |")
     lines.append("| prompts/s | " + " | ".join(
         _fmt_speed(results["variants"].get(n, {}).get("generation")) for n in names) + " |")
-    lines += ["", "McNemar exact test vs the baseline (harmful prompts; gained = newly refused, lost = no longer):", ""]
+    lines += ["", "McNemar exact test vs the baseline (gained = newly refused, lost = no longer); a gain on harmful "
+              "prompts without one on benign prompts is specific to harm, not a general rise in refusing:", ""]
     for name, c in summary["vs_baseline"].items():
-        h = c.get("harmful")
-        if h:
-            lines.append(f"- {name}: +{h['gained']} / −{h['lost']} of {h['n']}, difference "
-                         f"{100 * h['difference']:+.1f} points, p = {h['p_value']:.3g}")
+        for subset in ("harmful", "benign"):
+            if h := c.get(subset):
+                lines.append(f"- {name}, {subset}: +{h['gained']} / −{h['lost']} of {h['n']}, difference "
+                             f"{100 * h['difference']:+.1f} points, p = {h['p_value']:.3g}")
     lines += ["", f"![refusal rate vs sparsity]({plot_name})", ""]
     return "\n".join(lines)
 
