@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _today_at(hhmm: str) -> datetime:
+    try:
+        hour, minute = (int(part) for part in hhmm.split(":"))
+        return datetime.now().replace(hour=hour, minute=minute, second=0, microsecond=0)
+    except ValueError:
+        sys.exit(f"error: --start-before {hhmm!r} is not a time; give HH:MM (24-hour, local)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=CONFIGS, help="rows to run (default: every missing row)")
@@ -150,6 +159,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads per row (1 when another job holds the other core)")
+    parser.add_argument("--start-before", metavar="HH:MM",
+                        help="start no new row after this local time today (a row cut short is lost; "
+                             "this ends the run between rows)")
     args = parser.parse_args()
     if args.child:
         row = run_one(args.child, args.nsamples, args.seqlen, args.batch_size, args.max_windows, args.threads)
@@ -165,9 +177,13 @@ def main() -> None:
     if not SOTU.exists():
         sys.exit(f"error: {SOTU} not found (set PRUNEKIT_SHARED_DATA to the shared data folder)")
     wanted = args.only or CONFIGS
+    deadline = _today_at(args.start_before) if args.start_before else None
     for name in wanted:
         if name in rows and not args.redo:
             continue
+        if deadline is not None and datetime.now() >= deadline:
+            print(f"== {args.start_before} reached: stopping before {name}", file=sys.stderr, flush=True)
+            break
         cmd = [sys.executable, __file__, "--child", name, "--nsamples", str(args.nsamples), "--seqlen",
                str(args.seqlen), "--batch-size", str(args.batch_size), "--out", str(args.out),
                "--threads", str(args.threads)]
