@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunekit.adapters.base import is_mlp_linear
 from prunekit.api import prune
 from prunekit.errors import PrunekitError
 from prunekit.methods import build_method
@@ -113,18 +114,38 @@ def test_refinement_shrinks_the_expected_error():
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("base", ["wanda", "sparsegpt"])
-def test_refine_keeps_the_exact_sparsity(family, base):
+@pytest.mark.parametrize("layers", ["attention", "all"])
+def test_refine_keeps_the_exact_sparsity(family, base, layers):
     plain, refined = build(family), build(family)
     ids = random_ids()
     prune(plain, method=base, sparsity=0.6, calibration=ids, batch_size=4, progress=False)
+    options = {"dsnot.threshold": 0.0} | ({} if layers == "attention" else {"dsnot.layers": "all"})
     report = prune(refined, method=base, refine="dsnot", sparsity=0.6, calibration=ids, batch_size=4,
-                   progress=False, method_options={"dsnot.threshold": 0.0})
+                   progress=False, method_options=options)
     assert report.method["name"] == f"{base}+dsnot" and report.method["refine"]["config"]["threshold"] == 0.0
+    assert report.method["refine"]["config"]["layers"] == layers
     changed = 0
     for (name, w_plain), (_, w_refined) in zip(prunable(plain), prunable(refined), strict=True):
         assert int((w_plain == 0).sum()) == int((w_refined == 0).sum()), name  # the base method's exact count
         changed += int(((w_plain == 0) != (w_refined == 0)).sum())
     assert changed > 0
+
+
+@pytest.mark.parametrize("layers", ["attention", "all"])
+def test_default_leaves_the_mlp_with_the_base_mask(layers):
+    """The reference's default (`--skip_layer mlp`) refines only the linears outside the MLP."""
+    method = build_method("wanda", {"dsnot.threshold": 0.0, "dsnot.layers": layers}, refine="dsnot")
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(16, 32, generator=g)
+    stats = method.statistic(32)
+    stats.update(torch.randn(2, 40, 32, generator=g) + 0.5)
+    names = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.decoder.layers.0.fc1")
+    targets = {n: SparsityTarget(0.5) for n in names}
+    base = method.base.prune_group(dict.fromkeys(names, dense), stats.part(method.base.statistic), targets)
+    refined = method.prune_group(dict.fromkeys(names, dense), stats, targets)
+    for name in names:
+        same = torch.equal(refined[name].mask, base[name].mask)
+        assert same == (layers == "attention" and is_mlp_linear(name)), name
 
 
 def test_refine_after_nm_keeps_the_pattern():
@@ -183,6 +204,7 @@ def test_cli_refine_flag_and_recipe(tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["--refine", "growback"], "unknown refiner 'growback'"),
     (["--refine", "dsnot", "--option", "dsnot.cycles=3"], "cycles"),
+    (["--refine", "dsnot", "--option", "dsnot.layers=mlp"], "layers"),
     (["--refine", "dsnot", "--method", "flap"], "does not produce them"),
 ])
 def test_cli_refine_errors_are_one_line(tmp_path, capsys, args, needle):

@@ -11,6 +11,7 @@ calling the module, so its input is read from x_proj's output instead of a pre-h
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -18,6 +19,15 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+
+#: Globs of the feed-forward (MLP) linears across the families, on full layer names: what the reference codes
+#: of Wanda-for-safety and DSnoT skip when they leave the MLP dense (`"mlp" in name`, `--skip_layer mlp`).
+MLP_LINEAR_GLOBS: tuple[str, ...] = ("*mlp*", "*.fc1", "*.fc2", "*feed_forward*")
+
+
+def is_mlp_linear(name: str) -> bool:
+    """Whether a full layer name (e.g. `model.layers.3.mlp.up_proj`) is a feed-forward linear."""
+    return any(fnmatch.fnmatchcase(name, glob) for glob in MLP_LINEAR_GLOBS)
 
 
 def is_prunable_linear(module: nn.Module) -> bool:

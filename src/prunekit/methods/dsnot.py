@@ -8,14 +8,19 @@ W·μ). Each cycle swaps one pruned weight back in and one kept weight out, per 
 - prune: the least Wanda-important kept weight whose Wμ has the opposite sign of e (N:M: the least
   Wanda-important kept weight in the grown weight's group of M, so the pattern holds);
 a row stops when |e| ≤ threshold, when the swap would flip the sign of e, or after `max_cycles`.
+By default, as the reference (`--skip_layer mlp`), only the linears outside the MLP are refined; the MLP
+keeps the base method's mask (`layers="all"` refines every linear).
 Counts per row never change, so the sparsity is the base method's, exactly. Grown weights return with
 their dense value; everything else keeps the base method's (possibly updated) value.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from prunekit.adapters.base import is_mlp_linear
 from prunekit.methods.base import MethodConfig, PruneResult
 from prunekit.methods.refine import Refiner, register_refiner
 from prunekit.pruning.statistics import InputMeanVariance
@@ -28,6 +33,8 @@ class DSnoTConfig(MethodConfig):
     threshold: float = 0.1
     #: Exponent γ of the variance that divides the growth score.
     var_power: float = 1.0
+    #: "attention": every linear outside the MLP (the reference's default, `--skip_layer mlp`); "all".
+    layers: Literal["attention", "all"] = "attention"
 
 
 def _take(table: torch.Tensor, pointer: torch.Tensor) -> torch.Tensor:
@@ -109,6 +116,9 @@ class DSnoT(Refiner):
     name = "dsnot"
     config_class = DSnoTConfig
     statistic = InputMeanVariance
+
+    def applies_to(self, name: str) -> bool:
+        return self.config.layers == "all" or not is_mlp_linear(name)
 
     def refine(self, dense: torch.Tensor, result: PruneResult, stats: InputMeanVariance,
                target: SparsityTarget) -> torch.Tensor:

@@ -30,6 +30,10 @@ class Refiner(ABC):
                ) -> torch.Tensor:
         """The new pruned mask of a layer, given its dense weight and the base method's result."""
 
+    def applies_to(self, name: str) -> bool:
+        """Whether the refiner rewrites this layer (by full name); the others keep the base method's result."""
+        return True
+
     def describe(self) -> dict:
         return {"name": self.name, "config": self.config.model_dump()}
 
@@ -64,6 +68,9 @@ class RefinedMethod(PruningMethod):
         results = self.base.prune_group(weights, base_stats, targets)
         refined = {}
         for name, result in results.items():
+            if not self.refiner.applies_to(name):
+                refined[name] = result
+                continue
             dense = weights[name]
             mask = self.refiner.refine(dense, result, stats.part(self.refiner.statistic), targets[name])
             weight = torch.where(result.mask, dense, result.weight).masked_fill(mask, 0.0)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prunekit.adapters.base import MLP_LINEAR_GLOBS
 from prunekit.errors import PrunekitError
 
 Log = Callable[[str], None]
@@ -51,7 +52,7 @@ class SafetyConfig:
 
 #: --layers: which Linear layers Wanda prunes. The paper's code (CrystalEye42/eval-safety, lib/prune.py,
 #: prune_wanda) skips every layer whose name contains "mlp", i.e. prunes q/k/v/o of the attention only.
-LAYER_SKIPS: dict[str, list[str]] = {"attention": ["*mlp*", "*.fc1", "*.fc2", "*feed_forward*"], "all": []}
+LAYER_SKIPS: dict[str, list[str]] = {"attention": list(MLP_LINEAR_GLOBS), "all": []}
 GENERATIONS = ("prefix", "plain")
 
 
